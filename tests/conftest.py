@@ -1,0 +1,27 @@
+"""Shared pytest set-up: the `gpu` marker skips without CUDA; kernel tests use the interpreter."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+# Triton kernels run on the CPU through the interpreter in tests (set before triton is imported).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    if torch.cuda.is_available():
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU; none on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The device kernel tests run on: CUDA when present, else CPU (interpreter)."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -1,0 +1,31 @@
+"""`compose_adapters` with backend dispatch (see v2l_fast.reference.compose)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from v2l_fast.ops.backends import register, resolve, set_auto_order
+from v2l_fast.reference import compose as reference
+
+register("compose_adapters", "torch", reference.compose_adapters)
+set_auto_order("compose_adapters", cuda=("torch",), cpu=("torch",))
+
+
+def compose_adapters(
+    As: Sequence[torch.Tensor],
+    Bs: Sequence[torch.Tensor],
+    *,
+    weights: Sequence[float] | torch.Tensor | None = None,
+    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
+    max_rank: int | None = None,
+    backend: str = "auto",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rank-space composition of segment adapters; see `v2l_fast.reference.compose_adapters`.
+
+    ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch".
+    """
+    first = As[0] if isinstance(As, Sequence) and As and isinstance(As[0], torch.Tensor) else None
+    impl = resolve("compose_adapters", backend, first.device if first is not None else torch.device("cpu"))
+    return impl(As, Bs, weights=weights, bias=bias, max_rank=max_rank)

@@ -1,0 +1,40 @@
+"""`perceiver_attention` with backend dispatch (see v2l_fast.reference.perceiver)."""
+
+from __future__ import annotations
+
+import torch
+
+from v2l_fast.ops.backends import register, resolve, set_auto_order
+from v2l_fast.reference import perceiver as reference
+
+register("perceiver_attention", "torch", reference.perceiver_attention)
+set_auto_order("perceiver_attention", cuda=("torch",), cpu=("torch",))
+
+
+def perceiver_attention(
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    latents_norm_weight: torch.Tensor,
+    context_norm_weight: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float = 1e-6,
+    check: bool = True,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Perceiver cross-attention over ``[context ; latents]``; see the reference for semantics.
+
+    ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch", "triton".
+    """
+    device = latents.device if isinstance(latents, torch.Tensor) else torch.device("cpu")
+    impl = resolve("perceiver_attention", backend, device)
+    return impl(latents, context, context_mask, q_weight=q_weight, k_weight=k_weight,
+                v_weight=v_weight, o_weight=o_weight, latents_norm_weight=latents_norm_weight,
+                context_norm_weight=context_norm_weight, num_heads=num_heads,
+                num_kv_heads=num_kv_heads, eps=eps, check=check)
