@@ -67,7 +67,8 @@ def test_layer_pool_picks_the_layer():
 
 def test_empty_segments_and_all_none():
     gen = torch.Generator().manual_seed(2)
-    x, A, B = torch.randn(6, 16, generator=gen), torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 8, generator=gen)
+    x = torch.randn(6, 16, generator=gen)
+    A, B = torch.randn(2, 4, 16, generator=gen), torch.randn(2, 4, 8, generator=gen)
     base = torch.randn(6, 8, generator=gen)
     out = lora_sgmv(x, A, B, torch.tensor([0, 0, 6, 6]), torch.tensor([0, -1, 1]), base=base)
     assert torch.equal(out, base)

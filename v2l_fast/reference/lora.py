@@ -69,9 +69,10 @@ def check_lora_sgmv_args(
         return
     ptr = seg_indptr.tolist()
     if ptr[0] != 0 or ptr[-1] != T:
-        fail("seg_indptr", f"to start at 0 and end at T = {T}", ptr if len(ptr) <= 16 else f"[{ptr[0]}, ..., {ptr[-1]}]")
+        shown = ptr if len(ptr) <= 16 else f"[{ptr[0]}, ..., {ptr[-1]}]"
+        fail("seg_indptr", f"to start at 0 and end at T = {T}", shown)
     if any(b < a for a, b in zip(ptr, ptr[1:])):
-        fail("seg_indptr", "a non-decreasing sequence", ptr if len(ptr) <= 16 else "a decreasing step")
+        fail("seg_indptr", "a non-decreasing sequence", ptr if len(ptr) <= 16 else "a sequence with a decreasing step")
     if S and not bool(((seg_adapter >= -1) & (seg_adapter < n)).all()):
         fail("seg_adapter", f"ids in [-1, {n}) (n = {n} adapters; -1 means none)", seg_adapter.tolist())
     if ranks is not None and n and not bool(((ranks >= 0) & (ranks <= R)).all()):

@@ -74,7 +74,7 @@ def check_perceiver_attention_args(
         check_dim(name, w, 0, D, "D, the latent width")
     if context_mask is None:
         return
-    check_tensor("context_mask", context_mask, ndim=2, device=dev, shape_hint=f"[M, S] with N % M == 0")
+    check_tensor("context_mask", context_mask, ndim=2, device=dev, shape_hint="[M, S] with N % M == 0")
     if context_mask.is_floating_point() or context_mask.is_complex():
         fail("context_mask", "a bool or integer tensor (1 = keep)", describe(context_mask))
     M = context_mask.shape[0]
