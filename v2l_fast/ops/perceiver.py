@@ -8,7 +8,8 @@ from v2l_fast.ops.backends import register, resolve, set_auto_order
 from v2l_fast.reference import perceiver as reference
 
 register("perceiver_attention", "torch", reference.perceiver_attention)
-set_auto_order("perceiver_attention", cuda=("torch",), cpu=("torch",))
+register("perceiver_attention", "triton", "v2l_fast.kernels.perceiver_attention:perceiver_attention")
+set_auto_order("perceiver_attention", cuda=("triton", "torch"), cpu=("torch",))
 
 
 def perceiver_attention(

@@ -1,0 +1,343 @@
+"""Fused Perceiver cross-attention (FRAMES2LORA_SPEC §3.4): few latent queries, many context keys.
+
+Same signature and semantics as `v2l_fast.reference.perceiver_attention`; this module is its
+``backend="triton"``. Row n of the batch is (layer, video), the layer folded into the batch.
+
+The algebra (why K and V of the context never exist)
+----------------------------------------------------
+Write the context RMSNorm of token t as ``cn_t = w_c ⊙ y_t`` with ``y_t = cast(s_t x_t)``,
+``s_t = rsqrt(mean(x_t²) + eps)`` (the cast back to the input dtype is the official one). For
+query i of head h, reading kv head g = h // (nh/nkv), with ``q = zn W_qᵀ``::
+
+    score_t = q_h,i · (W_k,g cn_t) / √hd = ((W_k,gᵀ q_h,i ⊙ w_c) / √hd) · y_t = a_r · y_t
+    Σ_t p_t W_v,g cn_t = W_v,g (w_c ⊙ Σ_t p_t y_t)
+
+so with the *absorbed queries* ``a_r = (W_k,gᵀ q_h,i) ⊙ w_c / √hd`` (one D-vector per query row
+r = h·Q + i) the context part of every head is plain softmax attention in D-space whose keys
+and values are the same normalised context rows ``y_t``. The kernel reads each context tile
+once, normalises it in registers and never writes K or V. GQA disappears in this form: every
+head reads the same ``y_t``, so all nh·Q query rows pack into one query tile (the kv group only
+decides which ``W_k,g`` / ``W_v,g`` absorbs a head, a tiny [nh·Q, hd] × [hd, D] product).
+FLOPs per context token and block: 4·nh·Q·D (scores + values), against
+4·nkv·hd·D + 4·nh·Q·hd for materialised K/V; for nh=16, Q=8, D=512, nkv=4, hd=128 that is
+0.26 vs 1.11 MFLOP.
+
+Keys are ``[context ; latents]``: the Q latent keys are ``zn_j`` in the same D-space, scored as
+``(W_k,gᵀ q / √hd) · zn_j`` (no ``w_c``). They are Q ≤ 16 vectors per row, so they are scored in
+PyTorch and merged with the kernel's result by log-sum-exp exactly like one more key split; no
+``torch.cat`` of context and latents. Keeping them (and the weights) out of the kernel keeps
+the kernel weight-free: gradients of the latents and of every weight flow through PyTorch
+autograd on [N, nh·Q, ·] tensors, and the kernel's backward only returns d(absorbed queries)
+and, when asked, d(context).
+
+Flash-decoding: the keys of one row are split across programs (grid = query-row blocks ×
+key splits × rows, query-row blocks fastest so the blocks that share a context tile run
+together and hit L2); each split writes its running max, sum and unnormalised value
+accumulator and a small merge combines them. One video with 80k tokens thus fills the GPU.
+Variable lengths come in through the ``[M, S]`` keep-mask (row n reads mask row n mod M).
+
+The backward recomputes scores from the context (nothing per token is stored): with
+``u_r = Σ_t p_rt y_t`` and ``lse_r`` as outputs, ``dS_rt = p_rt (du_r·y_t − du_r·u_r + dlse_r)``,
+``da_r = Σ_t dS_rt y_t``, ``dy_t = Σ_r p_rt du_r + dS_rt a_r`` and the RMSNorm backward
+``dx = s dy − s³ x (dy·x)/D`` (the cast is treated as the identity, as autograd does).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from v2l_fast.reference.perceiver import check_perceiver_attention_args, rms_norm
+
+# A finite "minus infinity" for running maxima and empty splits: exp(-inf - -inf) would be NaN.
+_EMPTY_LSE = -1e30
+
+
+@triton.jit
+def _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D, stride_cn, stride_cs, stride_cd, eps):
+    """Context rows ``offs_t`` of batch row ``row``: x (fp32), y = cast(x·rstd) (fp32), rstd."""
+    inside = (offs_t[:, None] < S) & (offs_d[None, :] < D)
+    ptrs = ctx_ptr + row * stride_cn + offs_t[:, None] * stride_cs + offs_d[None, :] * stride_cd
+    x_raw = tl.load(ptrs, mask=inside, other=0.0)
+    x = x_raw.to(tl.float32)
+    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
+    # Round the normalised value to the input dtype like the official RMSNorm.
+    y = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
+    return x, y, rstd
+
+
+@triton.jit
+def _kept_tokens(keep_ptr, row, offs_t, S, M, stride_km, HAS_MASK: tl.constexpr):
+    kept = offs_t < S
+    if HAS_MASK:
+        flags = tl.load(keep_ptr + (row % M) * stride_km + offs_t, mask=kept, other=0)
+        kept = kept & (flags != 0)
+    return kept
+
+
+@triton.jit
+def _context_attention_fwd_kernel(
+    queries_ptr, ctx_ptr, keep_ptr, acc_ptr, max_ptr, sum_ptr,
+    S, R, D, M, tiles_per_split, eps,
+    stride_cn, stride_cs, stride_cd, stride_km,
+    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
+):
+    r_block = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(1)
+    offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    rd_inside = (offs_r[:, None] < R) & (offs_d[None, :] < D)
+    queries = tl.load(queries_ptr + (row * R + offs_r[:, None]) * D + offs_d[None, :],
+                      mask=rd_inside, other=0.0).to(DOT_DTYPE)
+
+    run_max = tl.full([BLOCK_R], -1e30, tl.float32)
+    run_sum = tl.zeros([BLOCK_R], tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    start = split * tiles_per_split * BLOCK_S
+    for i in range(tiles_per_split):
+        offs_t = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
+        _, y, _ = _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D,
+                                       stride_cn, stride_cs, stride_cd, eps)
+        kept = _kept_tokens(keep_ptr, row, offs_t, S, M, stride_km, HAS_MASK)
+        y = y.to(DOT_DTYPE)
+        scores = tl.dot(queries, tl.trans(y), input_precision=PRECISION)
+        scores = tl.where(kept[None, :], scores, float("-inf"))
+        new_max = tl.maximum(run_max, tl.max(scores, 1))
+        rescale = tl.exp(run_max - new_max)
+        probs = tl.exp(scores - new_max[:, None])
+        run_sum = run_sum * rescale + tl.sum(probs, 1)
+        acc = acc * rescale[:, None] + tl.dot(probs.to(DOT_DTYPE), y, input_precision=PRECISION)
+        run_max = new_max
+
+    part = (row * num_splits + split) * R + offs_r
+    tl.store(max_ptr + part, run_max, mask=offs_r < R)
+    tl.store(sum_ptr + part, run_sum, mask=offs_r < R)
+    tl.store(acc_ptr + part[:, None] * D + offs_d[None, :], acc, mask=rd_inside)
+
+
+@triton.jit
+def _context_attention_bwd_kernel(
+    queries_ptr, dout_ptr, lse_ptr, delta_ptr, ctx_ptr, keep_ptr, dqueries_ptr, dctx_ptr,
+    S, R, D, M, tiles_per_split, eps,
+    stride_cn, stride_cs, stride_cd, stride_km,
+    HAS_MASK: tl.constexpr, CONTEXT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    r_block = tl.program_id(0)
+    split = tl.program_id(1)
+    row = tl.program_id(2).to(tl.int64)
+    num_splits = tl.num_programs(1)
+    offs_r = r_block * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_d = tl.arange(0, BLOCK_D)
+    r_inside = offs_r < R
+    rd_inside = r_inside[:, None] & (offs_d[None, :] < D)
+    rd_offs = (row * R + offs_r[:, None]) * D + offs_d[None, :]
+    queries = tl.load(queries_ptr + rd_offs, mask=rd_inside, other=0.0).to(DOT_DTYPE)
+    dout = tl.load(dout_ptr + rd_offs, mask=rd_inside, other=0.0).to(DOT_DTYPE)
+    lse = tl.load(lse_ptr + row * R + offs_r, mask=r_inside, other=0.0)
+    delta = tl.load(delta_ptr + row * R + offs_r, mask=r_inside, other=0.0)
+
+    dqueries = tl.zeros([BLOCK_R, BLOCK_D], tl.float32)
+    start = split * tiles_per_split * BLOCK_S
+    for i in range(tiles_per_split):
+        offs_t = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
+        x, y, rstd = _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D,
+                                          stride_cn, stride_cs, stride_cd, eps)
+        kept = _kept_tokens(keep_ptr, row, offs_t, S, M, stride_km, HAS_MASK)
+        y = y.to(DOT_DTYPE)
+        scores = tl.dot(queries, tl.trans(y), input_precision=PRECISION)
+        probs = tl.where(r_inside[:, None] & kept[None, :], tl.exp(scores - lse[:, None]), 0.0)
+        dprobs = tl.dot(dout, tl.trans(y), input_precision=PRECISION)
+        dscores = probs * (dprobs - delta[:, None])
+        dqueries += tl.dot(dscores.to(DOT_DTYPE), y, input_precision=PRECISION)
+        if CONTEXT_GRAD:
+            dy = tl.dot(tl.trans(probs.to(DOT_DTYPE)), dout, input_precision=PRECISION)
+            dy += tl.dot(tl.trans(dscores.to(DOT_DTYPE)), queries, input_precision=PRECISION)
+            dx = rstd[:, None] * dy - x * (rstd * rstd * rstd * tl.sum(dy * x, 1) / D)[:, None]
+            inside = (offs_t[:, None] < S) & (offs_d[None, :] < D)
+            # Several query-row blocks add into the same tokens: accumulate in fp32.
+            tl.atomic_add(dctx_ptr + (row * S + offs_t[:, None]) * D + offs_d[None, :], dx,
+                          mask=inside)
+
+    part = (row * num_splits + split) * R + offs_r
+    tl.store(dqueries_ptr + part[:, None] * D + offs_d[None, :], dqueries, mask=rd_inside)
+
+
+def _dot_config(dtype: torch.dtype) -> tuple:
+    """The dot operand dtype and precision for context of ``dtype``: half stays half, fp32 is exact."""
+    if dtype == torch.float16:
+        return tl.float16, "tf32"
+    if dtype == torch.bfloat16:
+        return tl.bfloat16, "tf32"
+    return tl.float32, "ieee"
+
+
+def _tiles(R: int, S: int, D: int, device: torch.device, num_splits: int | None):
+    """Block sizes, key tiles per split and the number of splits for one launch."""
+    block_d = max(16, triton.next_power_of_2(D))
+    block_s = 64 if D <= 256 else 32
+    # Under the interpreter bigger query tiles only cost numpy time, on a GPU they cost registers.
+    r_cap = 32 if device.type == "cuda" else 128
+    block_r = max(16, min(r_cap, triton.next_power_of_2(R)))
+    num_tiles = triton.cdiv(S, block_s)
+    if num_splits is None:
+        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
+            if device.type == "cuda" else 4
+        num_splits = programs
+    tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_splits, num_tiles)))
+    return block_r, block_s, block_d, tiles_per_split, triton.cdiv(num_tiles, tiles_per_split)
+
+
+def _mask_args(context, keep):
+    """Pointer, row count and row stride of the keep-mask (the context stands in when absent)."""
+    return (keep, keep.shape[0], keep.stride(0)) if keep is not None else (context, 1, 0)
+
+
+def context_attention_forward(queries, context, keep, eps, num_splits=None):
+    """Softmax attention of ``queries [N, R, D]`` (fp32) over ``y_t = cast(rms(context_t))``.
+
+    Returns ``(u [N, R, D], lse [N, R])`` in fp32: ``u_r = Σ_t p_rt y_t`` with ``p`` the softmax
+    of ``queries_r · y_t`` over kept tokens, and ``lse_r`` its log-sum-exp (``-1e30`` for a row
+    with no kept token, whose ``u`` is 0). ``keep``: None or ``[M, S]`` uint8, row n uses n mod M.
+    """
+    N, R, D = queries.shape
+    S = context.shape[1]
+    block_r, block_s, block_d, tiles_per_split, splits = _tiles(R, S, D, context.device, num_splits)
+    acc = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
+    run_max = torch.empty(N, splits, R, device=context.device, dtype=torch.float32)
+    run_sum = torch.empty_like(run_max)
+    keep_ptr, M, stride_km = _mask_args(context, keep)
+    dot_dtype, precision = _dot_config(context.dtype)
+    grid = (triton.cdiv(R, block_r), splits, N)
+    _context_attention_fwd_kernel[grid](
+        queries, context, keep_ptr, acc, run_max, run_sum,
+        S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
+        HAS_MASK=keep is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8 if D > 256 else 4)
+    # Log-sum-exp merge of the key splits (flash-decoding's second phase; [N, splits, R] sized).
+    top = run_max.amax(1, keepdim=True)
+    weight = torch.exp(run_max - top)
+    total = (weight * run_sum).sum(1)
+    u = (weight.unsqueeze(-1) * acc).sum(1) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
+    lse = torch.where(total > 0, top.squeeze(1) + total.log(), torch.full_like(total, _EMPTY_LSE))
+    return u, lse
+
+
+def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, context_grad,
+                               num_splits=None):
+    """Gradients of `context_attention_forward` for ``queries`` and (if asked) ``context``."""
+    N, R, D = queries.shape
+    S = context.shape[1]
+    block_r, block_s, block_d, tiles_per_split, splits = _tiles(R, S, D, context.device, num_splits)
+    du = du.contiguous()
+    delta = ((du * u).sum(-1) - dlse).contiguous()
+    dqueries = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
+    dctx = torch.zeros(N, S, D, device=context.device, dtype=torch.float32) if context_grad else dqueries
+    keep_ptr, M, stride_km = _mask_args(context, keep)
+    dot_dtype, precision = _dot_config(context.dtype)
+    grid = (triton.cdiv(R, block_r), splits, N)
+    _context_attention_bwd_kernel[grid](
+        queries, du, lse, delta, context, keep_ptr, dqueries, dctx,
+        S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
+        HAS_MASK=keep is not None, CONTEXT_GRAD=context_grad, BLOCK_R=block_r, BLOCK_S=block_s,
+        BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
+        num_warps=8 if D > 256 else 4)
+    return dqueries.sum(1), (dctx.to(context.dtype) if context_grad else None)
+
+
+class ContextAttention(torch.autograd.Function):
+    """Autograd wrapper of the context half: ``(queries, context) → (u, lse)``; recomputes in backward."""
+
+    @staticmethod
+    def forward(ctx, queries, context, keep, eps, num_splits):
+        u, lse = context_attention_forward(queries, context, keep, eps, num_splits)
+        ctx.save_for_backward(queries, context, keep, u, lse)
+        ctx.eps, ctx.num_splits = eps, num_splits
+        return u, lse
+
+    @staticmethod
+    def backward(ctx, du, dlse):
+        queries, context, keep, u, lse = ctx.saved_tensors
+        du = torch.zeros_like(u) if du is None else du.float()
+        dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
+        dqueries, dcontext = context_attention_backward(
+            queries, context, keep, ctx.eps, u, lse, du, dlse, ctx.needs_input_grad[1],
+            ctx.num_splits)
+        return dqueries, dcontext, None, None, None
+
+
+def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
+    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
+
+
+def perceiver_attention(
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None = None,
+    *,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    latents_norm_weight: torch.Tensor,
+    context_norm_weight: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float = 1e-6,
+    check: bool = True,
+    num_splits: int | None = None,
+) -> torch.Tensor:
+    """Fused `v2l_fast.reference.perceiver_attention`: same arguments, result and gradients.
+
+    ``num_splits`` (optional) forces the number of key splits per row (default: enough
+    programs to fill the device). Gradients flow to the latents, every weight and, when it
+    requires grad, the context. The projections of the Q latents and the heads run in fp32
+    PyTorch (tensors of size nh·Q × D per row); the context is read only by the kernels.
+    """
+    check_perceiver_attention_args(
+        latents, context, context_mask, q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
+        o_weight=o_weight, latents_norm_weight=latents_norm_weight,
+        context_norm_weight=context_norm_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
+        check_values=check)
+    N, Q, D = latents.shape
+    out_dtype = _result_dtype(latents, context, q_weight, k_weight, v_weight, o_weight,
+                              latents_norm_weight, context_norm_weight)
+    if N == 0 or Q == 0:
+        return latents.new_zeros(N, Q, D, dtype=out_dtype)
+    hd = q_weight.shape[0] // num_heads
+    group = num_heads // num_kv_heads
+    context_weight = context_norm_weight.float()
+
+    zn = rms_norm(latents, latents_norm_weight, eps)
+    q = F.linear(zn.float(), q_weight.float()).view(N, Q, num_kv_heads, group, hd)
+    # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
+    absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.float().view(num_kv_heads, hd, D))
+    absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
+
+    keep = None if context_mask is None else (context_mask != 0).to(torch.uint8).contiguous()
+    u_ctx, lse_ctx = ContextAttention.apply((absorbed * context_weight).contiguous(), context,
+                                            keep, eps, num_splits)
+
+    # The latents' own keys (zn in the kv dtype, as the reference concatenates them), merged
+    # with the context part by log-sum-exp.
+    latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).float()
+    latent_scores = torch.einsum("nrd,nqd->nrq", absorbed, latent_keys)
+    lse_lat = torch.logsumexp(latent_scores, -1)
+    u_lat = torch.einsum("nrq,nqd->nrd", torch.softmax(latent_scores, -1), latent_keys)
+    lse = torch.logaddexp(lse_ctx, lse_lat)
+    u = (torch.exp(lse_ctx - lse).unsqueeze(-1) * (u_ctx * context_weight)
+         + torch.exp(lse_lat - lse).unsqueeze(-1) * u_lat)
+
+    # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
+    heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
+                         v_weight.float().view(num_kv_heads, hd, D))
+    return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.float()).to(out_dtype)
