@@ -1,0 +1,138 @@
+"""The Idefics2-style Perceiver of Frames2LoRA (FRAMES2LORA_SPEC §3).
+
+Module and parameter names follow the official module tree, so a released state dict loads
+without renaming. The attention half of every layer is `v2l_fast.ops.perceiver_attention` and
+every SwiGLU is `v2l_fast.ops.swiglu_mlp`; ``$V2L_BACKEND`` therefore switches the kernels here
+too. This module only adds the residual stream, the sandwich norms and the layer folding.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from v2l_fast import ops
+from v2l_fast.hypernet.config import Frames2LoRAConfig
+from v2l_fast.reference.perceiver import rms_norm
+
+
+class RMSNorm(nn.Module):
+    """Idefics2 RMSNorm: fp32 statistics, cast back, times a gain initialised to 1 (§3.3)."""
+
+    def __init__(self, width: int, eps: float) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(width))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return rms_norm(x, self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    """``down(silu(gate(x)) ⊙ up(x))`` without biases, through `ops.swiglu_mlp`."""
+
+    def __init__(self, in_width: int, hidden_width: int, out_width: int) -> None:
+        super().__init__()
+        self.gate_proj = nn.Linear(in_width, hidden_width, bias=False)
+        self.up_proj = nn.Linear(in_width, hidden_width, bias=False)
+        self.down_proj = nn.Linear(hidden_width, out_width, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return ops.swiglu_mlp(x, self.gate_proj.weight, self.up_proj.weight, self.down_proj.weight)
+
+
+class AttentionProjections(nn.Module):
+    """The q/k/v/o projections of one Perceiver layer (grouped-query, no biases, §3.4)."""
+
+    def __init__(self, config: Frames2LoRAConfig) -> None:
+        super().__init__()
+        D, hd = config.latent_size, config.head_dim
+        self.q_proj = nn.Linear(D, config.num_heads * hd, bias=False)
+        self.k_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.v_proj = nn.Linear(D, config.num_kv_heads * hd, bias=False)
+        self.o_proj = nn.Linear(config.num_heads * hd, D, bias=False)
+
+
+class PerceiverLayer(nn.Module):
+    """One Perceiver layer: cross-attention over ``[context ; latents]`` (or self-attention
+    over the latents), then the post-attention sandwich norm and a pre/post-normed SwiGLU."""
+
+    def __init__(self, config: Frames2LoRAConfig, *, cross_attention: bool) -> None:
+        super().__init__()
+        D, eps = config.latent_size, config.rms_norm_eps
+        self.num_heads, self.num_kv_heads, self.eps = config.num_heads, config.num_kv_heads, eps
+        self.cross_attention = cross_attention
+        self.input_latents_layernorm = RMSNorm(D, eps)
+        if cross_attention:
+            self.input_context_layernorm = RMSNorm(D, eps)
+        self.self_attn = AttentionProjections(config)
+        self.post_attention_layernorm = RMSNorm(D, eps)
+        self.pre_ff_layernorm = RMSNorm(D, eps)
+        self.post_ff_layernorm = RMSNorm(D, eps)
+        self.mlp = SwiGLU(D, 4 * D, D)
+
+    def forward(self, latents: torch.Tensor, context: torch.Tensor | None,
+                context_mask: torch.Tensor | None) -> torch.Tensor:
+        """``latents [N, Q, D]``, ``context [N, S, D]``, ``context_mask [B, S]`` (N = L·B) → latents."""
+        if self.cross_attention:
+            context_norm = self.input_context_layernorm.weight
+        else:
+            # Self-attention (keys = latents only) as the same op: the latents also serve as a
+            # fully masked context, normalised with the latents' own gain, so the kept keys are
+            # exactly the normalised latents.
+            context, context_norm = latents, self.input_latents_layernorm.weight
+            context_mask = torch.zeros(1, latents.shape[1], dtype=torch.bool, device=latents.device)
+        attn = self.self_attn
+        attended = ops.perceiver_attention(
+            latents, context, context_mask, q_weight=attn.q_proj.weight, k_weight=attn.k_proj.weight,
+            v_weight=attn.v_proj.weight, o_weight=attn.o_proj.weight,
+            latents_norm_weight=self.input_latents_layernorm.weight,
+            context_norm_weight=context_norm, num_heads=self.num_heads,
+            num_kv_heads=self.num_kv_heads, eps=self.eps, check=False)
+        latents = latents + self.post_attention_layernorm(attended)
+        return latents + self.post_ff_layernorm(self.mlp(self.pre_ff_layernorm(latents)))
+
+
+class PerceiverResampler(nn.Module):
+    """Learned queries read a context through a stack of layers, then a final RMSNorm."""
+
+    def __init__(self, config: Frames2LoRAConfig, num_queries: int,
+                 layer_kinds: list[bool]) -> None:
+        super().__init__()
+        self.latents_q = nn.Parameter(torch.randn(num_queries, config.latent_size))
+        self.layers = nn.ModuleList(
+            PerceiverLayer(config, cross_attention=cross) for cross in layer_kinds)
+        self.layernorm = RMSNorm(config.latent_size, config.rms_norm_eps)
+
+    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """``context [N, S, D]`` (+ ``[B, S]`` mask, N = L·B) → ``[N, num_queries, D]``."""
+        latents = self.latents_q.expand(context.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(latents, context, context_mask)
+        return self.layernorm(latents)
+
+
+class Perceiver(nn.Module):
+    """Modality projection, encoder resampler and decoder resampler (§3.2–§3.7).
+
+    Every (video, layer) slice of the stacked layer states is read independently with shared
+    weights: the layer axis is folded into the batch, layer-major (row ``l·B + b``).
+    """
+
+    def __init__(self, config: Frames2LoRAConfig) -> None:
+        super().__init__()
+        H, D = config.hidden_size, config.latent_size
+        self.modality_projection = SwiGLU(H, 4 * H, D)
+        block = [True] + [False] * config.num_self_attn_per_block
+        self.encoder = PerceiverResampler(config, config.num_latent_queries, block * config.num_blocks)
+        self.decoder = PerceiverResampler(config, config.rank, [True])
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``features [B, L, S, H]``, ``mask [B, S]`` (1 = keep) → latents ``[B, L, r, D]``."""
+        B, L, S, _ = features.shape
+        # Project before folding: the fold then copies D-wide rows instead of H-wide ones.
+        context = self.modality_projection(features)
+        context = context.transpose(0, 1).reshape(L * B, S, context.shape[-1])
+        encoded = self.encoder(context, mask)
+        decoded = self.decoder(encoded, None)
+        return decoded.view(L, B, *decoded.shape[1:]).transpose(0, 1)
