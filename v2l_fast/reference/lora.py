@@ -97,6 +97,7 @@ def lora_sgmv(
     scaling: float = 1.0,
     base: torch.Tensor | None = None,
     check: bool = True,
+    metadata: object | None = None,
 ) -> torch.Tensor:
     """Apply each segment's LoRA adapter to its tokens: ``base + scaling · Δ``.
 
@@ -111,6 +112,9 @@ def lora_sgmv(
         scaling: LoRA scale (the spec's α, applied as is).
         base: optional ``[T, O]`` base output to add to; ``None`` returns Δ alone.
         check: run the data-dependent argument checks (a host sync on GPU).
+        metadata: the once-per-batch token grouping of the kernel backends
+            (`v2l_fast.ops.lora.lora_sgmv_metadata`); accepted so the signatures match, and
+            ignored here: the reference derives everything from seg_indptr and seg_adapter.
 
     Returns:
         ``[T, O]`` in ``base.dtype`` (or ``x.dtype`` without base), accumulated in fp32
