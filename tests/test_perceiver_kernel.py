@@ -1,0 +1,200 @@
+"""Triton `perceiver_attention` (kernels/perceiver_attention.py) against the reference.
+
+Runs under TRITON_INTERPRET=1 without a GPU (fp32, fp16); bf16 only on a GPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from v2l_fast import ops
+from v2l_fast.ops.backends import resolve
+from v2l_fast.reference import perceiver_attention as reference
+from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
+
+kernel = pytest.importorskip("v2l_fast.kernels.perceiver_attention")
+
+WEIGHTS = ("q_weight", "k_weight", "v_weight", "o_weight", "latents_norm_weight",
+           "context_norm_weight")
+
+
+def make_inputs(N, Q, S, D, nh, nkv, hd, dtype, device, seed):
+    """Fresh random latents, context and weights with the scales of a trained block."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def rnd(*shape, scale=1.0):
+        return (torch.randn(*shape, generator=gen) * scale).to(device=device, dtype=dtype)
+
+    return dict(
+        latents=rnd(N, Q, D), context=rnd(N, S, D, scale=3.0),
+        q_weight=rnd(nh * hd, D, scale=D ** -0.5), k_weight=rnd(nkv * hd, D, scale=D ** -0.5),
+        v_weight=rnd(nkv * hd, D, scale=D ** -0.5), o_weight=rnd(D, nh * hd, scale=(nh * hd) ** -0.5),
+        latents_norm_weight=1 + rnd(D, scale=0.2), context_norm_weight=1 + rnd(D, scale=0.2))
+
+
+def ragged_mask(M, S, gen, device):
+    """Keep-mask with every row's length drawn in [1, S] (so 1-token rows occur), as int8."""
+    lengths = torch.randint(1, S + 1, (M,), generator=gen)
+    lengths[0] = 1
+    return (torch.arange(S)[None, :] < lengths[:, None]).to(device=device, dtype=torch.int8)
+
+
+def call(fn, inputs, mask, nh, nkv, **kw):
+    weights = {k: inputs[k] for k in WEIGHTS}
+    return fn(inputs["latents"], inputs["context"], mask, **weights, num_heads=nh,
+              num_kv_heads=nkv, **kw)
+
+
+def fp64_reference(inputs, mask, nh, nkv, **kw):
+    return call(reference, {k: v.detach().double() for k, v in inputs.items()}, mask, nh, nkv, **kw)
+
+
+@pytest.fixture
+def poisoned_empty(monkeypatch):
+    """torch.empty / empty_like return NaN-filled tensors, so unwritten kernel outputs show."""
+    empty, empty_like = torch.empty, torch.empty_like
+
+    def nan_filled(t):
+        return t.fill_(float("nan")) if t.is_floating_point() else t
+
+    monkeypatch.setattr(torch, "empty", lambda *a, **k: nan_filled(empty(*a, **k)))
+    monkeypatch.setattr(torch, "empty_like", lambda *a, **k: nan_filled(empty_like(*a, **k)))
+
+
+# (N, M, Q, S, D, nh, nkv, hd): M = mask rows (None: no mask; M < N: one row per video).
+SHAPES = [
+    (2, 2, 8, 1, 32, 4, 1, 16),         # one context token
+    (6, 2, 8, 77, 48, 4, 2, 16),        # [B, S] mask for L=3 layers, D not a power of two
+    (4, 4, 5, 300, 64, 8, 4, 32),       # [N, S] mask, S not a multiple of any tile
+    (3, None, 16, 130, 32, 16, 4, 16),  # no mask, nh·Q = 256 query rows (several row blocks)
+    (2, 1, 8, 40, 64, 16, 4, 128),      # the spec's heads: nh=16, hd=128, nkv=4
+]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", SHAPES)
+@pytest.mark.parametrize("num_splits", [1, 3, None])
+def test_forward_matches_reference(N, M, Q, S, D, nh, nkv, hd, dtype, num_splits, device,
+                                   poisoned_empty):
+    seed = N * 1000 + S + D + (num_splits or 0)
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, dtype, device, seed)
+    mask = None if M is None else ragged_mask(M, S, torch.Generator().manual_seed(seed), device)
+    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=num_splits)
+    assert out.dtype == dtype and out.shape == (N, Q, D)
+    assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv).to(dtype), dtype)
+
+
+def test_bool_mask_non_contiguous_inputs(device):
+    N, Q, S, D, nh, nkv, hd = 4, 8, 90, 32, 4, 2, 16
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 7)
+    # Strided views: every other token of a longer context, latents transposed in memory.
+    inputs["context"] = torch.randn(N, 2 * S, D, device=device)[:, ::2]
+    inputs["latents"] = torch.randn(N, D, Q, device=device).transpose(1, 2)
+    mask = torch.rand(2, S, generator=torch.Generator().manual_seed(3)).to(device) > 0.4
+    mask[:, 5] = True
+    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=2)
+    assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv).float(), torch.float32)
+
+
+@pytest.mark.parametrize("context_grad", [True, False])
+@pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", [SHAPES[1], SHAPES[3]])
+def test_gradients_match_reference_autograd(N, M, Q, S, D, nh, nkv, hd, context_grad, device,
+                                            poisoned_empty):
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, S + N)
+    mask = None if M is None else ragged_mask(M, S, torch.Generator().manual_seed(S), device)
+    for name, t in inputs.items():
+        t.requires_grad_(name != "context" or context_grad)
+    grad_out = torch.randn(N, Q, D, device=device)
+    leaves = [t for t in inputs.values() if t.requires_grad]
+
+    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=3)
+    grads = torch.autograd.grad(out, leaves, grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    ref_out = call(reference, ref_inputs, mask, nh, nkv)
+    ref_grads = torch.autograd.grad(ref_out, [t for t in ref_inputs.values() if t.requires_grad],
+                                    grad_out.double())
+    names = [k for k, t in inputs.items() if t.requires_grad]
+    assert ("context" in names) == context_grad
+    for name, g, r in zip(names, grads, ref_grads):
+        err = rel_error(g, r.float())
+        assert err <= REL_TOLERANCE[torch.float32], f"d{name}: relative error {err:.2e}"
+
+
+def test_all_masked_row_rejected_unless_check_is_off(device):
+    N, Q, S, D, nh, nkv, hd = 4, 8, 20, 32, 4, 2, 16
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 11)
+    mask = torch.ones(2, S, dtype=torch.bool, device=device)
+    mask[1] = False
+    with pytest.raises(ValueError, match=r"context_mask.*all-masked rows \[1\]"):
+        call(kernel.perceiver_attention, inputs, mask, nh, nkv)
+    # With the check off an empty context row attends to the latents only, like the reference.
+    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, check=False, num_splits=2)
+    ref = fp64_reference(inputs, mask, nh, nkv, check=False)
+    assert_rel_close(out, ref.float(), torch.float32)
+
+
+def test_context_attention_lse_and_empty_rows(device):
+    """The kernel half alone: u and lse against softmax over normalised rows, empty rows = 0."""
+    gen = torch.Generator().manual_seed(5)
+    N, R, S, D = 3, 20, 50, 24
+    queries = torch.randn(N, R, D, generator=gen).to(device)
+    context = torch.randn(N, S, D, generator=gen).to(device)
+    keep = (torch.rand(N, S, generator=gen) > 0.5).to(device=device, dtype=torch.uint8)
+    keep[2] = 0
+    u, lse = kernel.context_attention_forward(queries, context, keep, 1e-6, num_splits=3)
+    y = context.double() * torch.rsqrt(context.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    scores = (queries.double() @ y.transpose(1, 2)).masked_fill(~keep.bool()[:, None], float("-inf"))
+    assert_rel_close(lse[:2], torch.logsumexp(scores[:2], -1).float(), torch.float32)
+    assert_rel_close(u[:2], (torch.softmax(scores[:2], -1) @ y[:2]).float(), torch.float32)
+    assert torch.equal(u[2], torch.zeros_like(u[2]))
+    assert bool((lse[2] < -1e29).all())
+
+
+def test_ops_dispatch_and_empty_batch(device):
+    N, Q, S, D, nh, nkv, hd = 2, 8, 33, 32, 4, 4, 16
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 13)
+    assert resolve("perceiver_attention", "triton", device) is kernel.perceiver_attention
+    if device.type == "cpu":  # auto never picks the interpreter
+        assert resolve("perceiver_attention", "auto", device) is not kernel.perceiver_attention
+    out = call(ops.perceiver_attention, inputs, None, nh, nkv, backend="triton")
+    assert_rel_close(out, fp64_reference(inputs, None, nh, nkv).float(), torch.float32)
+    empty = {**inputs, "latents": inputs["latents"][:0], "context": inputs["context"][:0]}
+    assert call(kernel.perceiver_attention, empty, None, nh, nkv).shape == (0, Q, D)
+
+
+@pytest.mark.parametrize("bad,match", [
+    (dict(context=torch.zeros(3, 10, 32)), "context"),
+    (dict(k_weight=torch.zeros(64, 31)), "k_weight"),
+    (dict(num_kv_heads=3), "num_heads"),
+])
+def test_bad_input_names_the_argument(bad, match):
+    inputs = make_inputs(2, 8, 10, 32, 4, 2, 16, torch.float32, "cpu", 1)
+    kw = dict(num_heads=4, num_kv_heads=2)
+    kw.update({k: v for k, v in bad.items() if k.startswith("num")})
+    inputs.update({k: v for k, v in bad.items() if not k.startswith("num")})
+    weights = {k: inputs[k] for k in WEIGHTS}
+    with pytest.raises(ValueError, match=match):
+        ops.perceiver_attention(inputs["latents"], inputs["context"], None, **weights, **kw,
+                                backend="triton")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", [(48, 2, 8, 1000, 512, 16, 4, 128),
+                                                 (6, 2, 8, 77, 48, 4, 2, 16)])
+def test_bf16_forward_and_gradients_on_gpu(N, M, Q, S, D, nh, nkv, hd):
+    device = torch.device("cuda")
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.bfloat16, device, 17)
+    mask = ragged_mask(M, S, torch.Generator().manual_seed(1), device)
+    for t in inputs.values():
+        t.requires_grad_(True)
+    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv)
+    ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+    ref = call(reference, ref_inputs, mask, nh, nkv)
+    assert_rel_close(out, ref.to(out.dtype), torch.bfloat16)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
+    ref_grads = torch.autograd.grad(ref, list(ref_inputs.values()), grad_out.double())
+    for name, g, r in zip(inputs, grads, ref_grads):
+        err = rel_error(g.float(), r.float())
+        assert err <= REL_TOLERANCE[torch.bfloat16], f"d{name}: relative error {err:.2e}"
