@@ -9,6 +9,7 @@ device, library versions and the measured copy bandwidth.
 from __future__ import annotations
 
 import pytest
+
 from harness import ResultLog
 
 
