@@ -187,9 +187,13 @@ def _build(config: Frames2LoRAConfig, state_dict: Mapping, device) -> Frames2LoR
         model = Frames2LoRA(config)
     try:
         model.load_state_dict(state_dict, strict=True, assign=True)
+        problems = None
     except RuntimeError as err:
-        raise ValueError(f"checkpoint: does not match the inferred architecture {config}: {err}") \
-            from None
+        # torch lists one problem per "\n\t"-indented line after a header.
+        problems = "; ".join(str(err).split("\n\t")[1:]) or str(err)
+    if problems is not None:
+        fail("checkpoint", "tensors whose names and shapes fit one Frames2LoRA architecture",
+             problems)
     return model.to(device) if device is not None else model
 
 
