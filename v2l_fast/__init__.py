@@ -7,9 +7,26 @@ are answered by the same frozen model with that adapter and zero visual tokens i
 Subpackages: `v2l_fast.ops` (public ops with backend dispatch), `v2l_fast.reference`
 (plain-PyTorch ground truth), `v2l_fast.kernels` (Triton kernels). The compiled extension
 `v2l_fast._C` is optional: `v2l_fast.build_info()` says whether and how it was built.
+
+The stack: `v2l_fast.load` (a `Session` of VLM + hypernetwork), `v2l_fast.internalize`,
+`v2l_fast.ask` and `v2l_fast.Adapters` (save / load with the base model's fingerprint);
+`v2l_fast.vlm` holds the SmolVLM2 integration. They are imported on first use, so that
+`import v2l_fast` stays light for kernel users.
 """
 
 from v2l_fast._ext import build_info
 
 __version__ = "0.1.0"
-__all__ = ["__version__", "build_info"]
+
+_LAZY = {"Adapters": "v2l_fast.adapters", "Session": "v2l_fast.api", "ask": "v2l_fast.api",
+         "internalize": "v2l_fast.api", "load": "v2l_fast.api", "load_smolvlm": "v2l_fast.vlm.load"}
+
+__all__ = ["__version__", "build_info", *_LAZY]
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'v2l_fast' has no attribute {name!r}")

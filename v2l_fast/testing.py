@@ -97,3 +97,68 @@ def assert_rel_close(out: torch.Tensor, ref: torch.Tensor, dtype: torch.dtype | 
     bound = tol if tol is not None else REL_TOLERANCE[dtype or out.dtype]
     err = rel_error(out, ref)
     assert err <= bound, f"relative error {err:.3e} > {bound:.1e} (shape {list(out.shape)})"
+
+
+# Special tokens of SmolVLM2's tokenizer that the video prompt and the chat template use.
+TINY_SPECIAL_TOKENS = {0: "<pad>", 1: "<|im_start|>", 2: "<end_of_utterance>",
+                       3: "<fake_token_around_image>", 4: "<global-img>", 5: "<unk>", 150: "<image>"}
+
+
+def tiny_smolvlm_tokenizer(vocab_size: int = 160):
+    """A character-level tokenizer for tiny SmolVLM2 models, built in-process.
+
+    Ids 0–5 and 150 are SmolVLM2's special tokens (`TINY_SPECIAL_TOKENS`: pad 0, bos
+    ``<|im_start|>`` 1, eos ``<end_of_utterance>`` 2, ``<image>`` 150 = the tiny config's
+    image_token_id); then newline and printable ASCII one id each; the rest are unused
+    placeholders. The chat template is SmolVLM2's (transformers' SmolVLM template), so a
+    question renders ``<|im_start|>User: {text}<end_of_utterance>\\nAssistant:``.
+    """
+    from tokenizers import AddedToken, Tokenizer, decoders, models
+    from transformers import PreTrainedTokenizerFast
+    from transformers.models.smolvlm.processing_smolvlm import DEFAULT_CHAT_TEMPLATE
+
+    chars = ["\n"] + [chr(c) for c in range(32, 127)]
+    vocab = dict((token, i) for i, token in TINY_SPECIAL_TOKENS.items())
+    next_id = iter(i for i in range(vocab_size) if i not in TINY_SPECIAL_TOKENS)
+    for char in chars:
+        vocab[char] = next(next_id)
+    for i in next_id:
+        vocab[f"<unused_{i}>"] = i
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tok.decoder = decoders.Fuse()
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False)
+                            for t in TINY_SPECIAL_TOKENS.values()])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<|im_start|>", eos_token="<end_of_utterance>",
+                                   pad_token="<pad>", unk_token="<unk>", chat_template=DEFAULT_CHAT_TEMPLATE)
+
+
+def tiny_vlm(seed: int = 0, *, model=None, **preprocessor_overrides):
+    """A `v2l_fast.vlm.VLM` of a tiny random SmolVLM2 (or ``model``) and `tiny_smolvlm_tokenizer`.
+
+    ``preprocessor_overrides`` replace `VideoPreprocessor` fields (e.g. ``max_frames=3``).
+    """
+    from v2l_fast.vlm import VLM, VideoPreprocessor
+
+    model = model if model is not None else random_smolvlm("tiny", seed=seed)
+    tokenizer = tiny_smolvlm_tokenizer(model.config.text_config.vocab_size)
+    return VLM(model, tokenizer, VideoPreprocessor.for_model(model.config, **preprocessor_overrides))
+
+
+def write_test_video(path, num_frames: int = 6, fps: int = 4, size: tuple[int, int] = (32, 48),
+                     codec: str = "mpeg4", seed: int = 0):
+    """Encode ``num_frames`` random RGB frames (H, W = ``size``) at ``fps`` into ``path`` with
+    PyAV (yuv420p); return the frames ``[F, H, W, 3]`` uint8 that went in."""
+    import av
+    import numpy as np
+
+    frames = np.random.default_rng(seed).integers(0, 256, (num_frames, *size, 3), dtype=np.uint8)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = size
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return frames

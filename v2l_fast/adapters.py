@@ -1,0 +1,139 @@
+"""Generated adapters: the object `internalize` returns, and its safetensors file.
+
+An `Adapters` holds the combined factors of n videos, ``A [n, L, R, I]`` and ``B [n, L, R, H]``
+(FRAMES2LORA_SPEC §5: generated rows then the bias block, fp32), the scale α and the
+fingerprint of the base model they were generated for. The fingerprint (model name, text
+dimensions and a hash of the ``down_proj`` weights) is saved with them, and adapters are
+refused by a model whose dimensions or weights differ.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+
+import torch
+
+from v2l_fast.errors import check_tensor, fail
+
+FORMAT = "v2l_fast.adapters/1"
+_HASHED_VALUES_PER_LAYER = 1 << 16
+
+
+def base_fingerprint(model: torch.nn.Module) -> dict:
+    """Identity of a base model for adapter compatibility.
+
+    ``name`` (informative only), ``num_layers``, ``hidden_size``, ``intermediate_size`` and
+    ``down_proj_sha256``: a SHA-256 over an evenly strided sample of at most 65,536 values of
+    every layer's ``down_proj`` weight, rounded to bf16 so that the same weights loaded in
+    bf16 or fp32, on any device, hash alike. A sample, not every weight: it tells
+    different checkpoints apart, it does not prove two are identical.
+    """
+    from v2l_fast.vlm.lora_patch import down_proj_targets
+
+    targets = down_proj_targets(model)
+    digest = hashlib.sha256()
+    for module in targets:
+        flat = module.weight.detach().reshape(-1)
+        step = max(1, flat.numel() // _HASHED_VALUES_PER_LAYER)
+        sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
+        digest.update(sample.numpy().tobytes())
+    config = getattr(model.config, "text_config", model.config)
+    return {"name": getattr(model.config, "name_or_path", "") or "",
+            "num_layers": len(targets), "hidden_size": targets[0].out_features,
+            "intermediate_size": targets[0].in_features, "down_proj_sha256": digest.hexdigest(),
+            "model_type": getattr(config, "model_type", "")}
+
+
+def check_compatible(fingerprint: dict, model: torch.nn.Module, what: str = "adapters") -> None:
+    """Raise ValueError saying what differs when ``fingerprint`` is not ``model``'s."""
+    mine = base_fingerprint(model)
+    for key in ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256"):
+        if fingerprint.get(key) != mine[key]:
+            raise ValueError(
+                f"{what}: generated for another base model ({fingerprint.get('name')!r}): {key} is "
+                f"{fingerprint.get(key)!r}, this model ({mine['name']!r}) has {mine[key]!r}")
+
+
+@dataclass
+class Adapters:
+    """LoRA adapters of n videos for one base model.
+
+    Attributes:
+        A: ``[n, L, R, I]`` down factors (fp32).
+        B: ``[n, L, R, H]`` up factors (fp32).
+        alpha: the LoRA scale, applied as is (2·r^1.5).
+        base: `base_fingerprint` of the model they belong to.
+    """
+
+    A: torch.Tensor
+    B: torch.Tensor
+    alpha: float
+    base: dict
+
+    def __post_init__(self):
+        check_tensor("A", self.A, ndim=4, floating=True, shape_hint="[n, L, R, I]")
+        check_tensor("B", self.B, ndim=4, floating=True, device=self.A.device, shape_hint="[n, L, R, H]")
+        if self.A.shape[:3] != self.B.shape[:3]:
+            fail("B", f"leading dims {list(self.A.shape[:3])} ([n, L, R], those of A)", list(self.B.shape))
+        dims = {"num_layers": self.A.shape[1], "intermediate_size": self.A.shape[3],
+                "hidden_size": self.B.shape[3]}
+        for key, size in dims.items():
+            if key in self.base and self.base[key] != size:
+                fail("base", f"{key} = {size} (from the factors' shapes)", self.base[key])
+
+    def __len__(self) -> int:
+        return self.A.shape[0]
+
+    def __getitem__(self, index) -> Adapters:
+        """Adapters of the selected videos (an int, a slice, or a list of indices)."""
+        if isinstance(index, int):
+            index = [index]
+        return Adapters(self.A[index], self.B[index], self.alpha, self.base)
+
+    @staticmethod
+    def cat(parts: list[Adapters]) -> Adapters:
+        """Concatenate adapters of the same base model along the video axis."""
+        if not parts:
+            fail("parts", "at least one Adapters", "an empty list")
+        for i, part in enumerate(parts[1:], 1):
+            if part.base != parts[0].base or part.alpha != parts[0].alpha:
+                fail(f"parts[{i}]", "adapters of the same base model and alpha as parts[0]",
+                     f"base {part.base.get('name')!r}, alpha {part.alpha}")
+        return Adapters(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts]),
+                        parts[0].alpha, parts[0].base)
+
+    def to(self, device) -> Adapters:
+        """The adapters on ``device``."""
+        return Adapters(self.A.to(device), self.B.to(device), self.alpha, self.base)
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write a safetensors file: tensors ``A``, ``B``; alpha and base fingerprint as metadata."""
+        from safetensors.torch import save_file
+
+        metadata = {"format": FORMAT, "alpha": repr(float(self.alpha)), "base": json.dumps(self.base)}
+        save_file({"A": self.A.detach().contiguous().cpu(), "B": self.B.detach().contiguous().cpu()},
+                  os.fspath(path), metadata=metadata)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, model: torch.nn.Module | None = None,
+             device: str | torch.device = "cpu") -> Adapters:
+        """Read adapters written by `save`; with ``model``, refuse them if made for another base."""
+        from safetensors import SafetensorError, safe_open
+
+        path = os.fspath(path)
+        try:
+            with safe_open(path, framework="pt", device=str(device)) as f:
+                metadata = f.metadata() or {}
+                if metadata.get("format") != FORMAT:
+                    fail("path", f"a v2l_fast adapters file (format {FORMAT!r})",
+                         f"{path!r} with format {metadata.get('format')!r}")
+                A, B = f.get_tensor("A"), f.get_tensor("B")
+        except (SafetensorError, FileNotFoundError, OSError) as err:
+            raise ValueError(f"path: cannot read adapters from {path!r}: {err}") from err
+        adapters = cls(A, B, float(metadata["alpha"]), json.loads(metadata["base"]))
+        if model is not None:
+            check_compatible(adapters.base, model, what=f"adapters in {path!r}")
+        return adapters

@@ -1,0 +1,230 @@
+"""The top-level API: internalize videos into adapters, then ask with zero visual tokens.
+
+    session = v2l_fast.load(vlm="HuggingFaceTB/SmolVLM2-500M-Video-Instruct",
+                            hypernet="frames2lora-smolvlm2-500m-best-ce.pt")
+    adapters = session.internalize(["a.mp4", "b.mp4"])     # one VLM + hypernetwork forward
+    answers = session.ask(adapters, ["What happens?", "Who is there?"])
+
+`internalize` and `ask` are also plain functions taking ``vlm=`` (a `VLM`) and ``hypernet=``.
+Everything runs through `v2l_fast.ops`, so ``V2L_BACKEND`` switches the kernels of the whole
+stack (the hypernetwork's Perceiver and the answer model's LoRA).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from v2l_fast.adapters import Adapters, base_fingerprint, check_compatible
+from v2l_fast.errors import fail
+from v2l_fast.vlm.features import extract_features
+from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, build_video_batch
+from v2l_fast.vlm.load import VLM, load_smolvlm
+from v2l_fast.vlm.lora_patch import LoRAPatch, down_proj_targets, is_patched
+from v2l_fast.vlm.video import Video, read_video
+
+DEFAULT_MAX_NEW_TOKENS = 128
+
+
+def _as_list(items, name: str, single: tuple[type, ...]) -> list:
+    if isinstance(items, single):
+        return [items]
+    if not isinstance(items, Sequence) or not items:
+        fail(name, "a non-empty list", type(items).__name__ if not isinstance(items, Sequence) else "[]")
+    return list(items)
+
+
+def _as_video(item, vlm: VLM, index: int) -> Video:
+    if isinstance(item, Video):
+        return item
+    if isinstance(item, (str, os.PathLike)):
+        return read_video(item, max_frames=vlm.preprocessor.max_frames, target_fps=vlm.preprocessor.fps)
+    if isinstance(item, (np.ndarray, list, tuple)):
+        return Video.from_frames(item, source=f"videos[{index}]")
+    fail(f"videos[{index}]", "a file path, a Video, a list of PIL images or a uint8 array [F, H, W, 3]",
+         type(item).__name__)
+
+
+def _chunks(n: int, batch_size: int | None, progress: bool | None, desc: str):
+    size = n if batch_size is None else batch_size
+    if not isinstance(size, int) or size < 1:
+        fail("batch_size", "a positive int or None", batch_size)
+    starts = range(0, n, size)
+    show = len(starts) > 1 if progress is None else progress
+    for start in tqdm(starts, desc=desc, disable=not show):
+        yield start, min(start + size, n)
+
+
+def check_hypernet_matches(hypernet, model: torch.nn.Module) -> None:
+    """Refuse a hypernetwork built for other text dimensions than ``model``'s."""
+    targets = down_proj_targets(model)
+    mine = {"num_layers": len(targets), "hidden_size": targets[0].out_features,
+            "intermediate_size": targets[0].in_features}
+    for key, value in mine.items():
+        theirs = getattr(hypernet.config, key)
+        if theirs != value:
+            fail("hypernet", f"a hypernetwork for this model's {key} = {value}", f"{key} = {theirs}")
+
+
+def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRUCTION,
+                batch_size: int | None = None, progress: bool | None = None) -> Adapters:
+    """Turn videos into LoRA adapters: one VLM forward and one hypernetwork forward per batch.
+
+    Args:
+        videos: a list of videos, each a file path (decoded with PyAV and sampled as
+            SmolVLM2 does), a `Video`, a list of PIL images or a uint8 array ``[F, H, W, 3]``
+            (frames used as given); a single path or `Video` is one video.
+        vlm: the `VLM` (model, tokenizer, preprocessing); its ``down_proj`` must not be patched.
+        hypernet: a `v2l_fast.hypernet.Frames2LoRA` for this VLM.
+        instruction: the internalisation text after the video (spec §2 default).
+        batch_size: videos per forward (None: all at once).
+        progress: tqdm bar (None: shown when there is more than one batch).
+
+    Returns:
+        `Adapters` with one adapter per video, in order, tagged with the VLM's fingerprint.
+    """
+    videos = _as_list(videos, "videos", (str, os.PathLike, Video))
+    check_hypernet_matches(hypernet, vlm.model)
+    if is_patched(vlm.model):
+        fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
+             "a patched model")
+    hn_device = next(hypernet.parameters()).device
+    A, B, alpha = [], [], None
+    for start, end in _chunks(len(videos), batch_size, progress, "internalize"):
+        clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
+        batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
+                                  pad_token_id=_pad_id(vlm.tokenizer))
+        features, mask = extract_features(vlm.model, batch)
+        with torch.no_grad():
+            out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
+        A.append(out.A)
+        B.append(out.B)
+        alpha = out.alpha
+    return Adapters(torch.cat(A), torch.cat(B), alpha, base_fingerprint(vlm.model))
+
+
+def _pad_id(tokenizer) -> int:
+    pad = tokenizer.pad_token_id
+    return pad if pad is not None else tokenizer.eos_token_id
+
+
+def question_ids(tokenizer, prompt: str) -> list[int]:
+    """Token ids of a text-only question: the tokenizer's chat template, generation prompt on."""
+    conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
+        batch_size: int | None = None, progress: bool | None = None) -> list[str]:
+    """Answer text-only prompts with the VLM, adapter i applied to prompt i; zero visual tokens.
+
+    Args:
+        adapters: one adapter per prompt (`Adapters` from `internalize` or `Adapters.load`;
+            ``adapters[[0, 0, 1]]`` repeats videos), or None for the plain base model.
+        prompts: the questions (a list of str, or one str).
+        vlm: the `VLM` the adapters were made for (checked with their fingerprint).
+        max_new_tokens: greedy decoding length limit (spec §8: 128).
+        batch_size: prompts per ``generate`` call (None: all at once; left padding).
+        progress: tqdm bar (None: shown when there is more than one batch).
+
+    Returns:
+        The decoded answers (special tokens skipped, whitespace stripped), in order.
+    """
+    prompts = _as_list(prompts, "prompts", (str,))
+    for i, prompt in enumerate(prompts):
+        if not isinstance(prompt, str):
+            fail(f"prompts[{i}]", "a str", type(prompt).__name__)
+    if adapters is not None:
+        if not isinstance(adapters, Adapters):
+            fail("adapters", "an Adapters (from internalize or Adapters.load) or None", type(adapters).__name__)
+        if len(adapters) != len(prompts):
+            fail("adapters", f"one adapter per prompt ({len(prompts)} prompts; index adapters to repeat one)",
+                 f"{len(adapters)} adapters")
+        check_compatible(adapters.base, vlm.model)
+    tokenizer, model = vlm.tokenizer, vlm.model
+    visual_ids = {model.config.image_token_id,
+                  *(tokenizer.convert_tokens_to_ids(t) for t in ("<fake_token_around_image>", "<global-img>"))}
+    ids = [question_ids(tokenizer, prompt) for prompt in prompts]
+    for i, row in enumerate(ids):
+        if visual_ids.intersection(row):
+            fail(f"prompts[{i}]", "text without image tokens (the answer model sees no visual tokens)",
+                 repr(prompts[i][:80]))
+    answers: list[str] = []
+    pad = _pad_id(tokenizer)
+    for start, end in _chunks(len(prompts), batch_size, progress, "ask"):
+        input_ids, attention_mask = _left_pad(ids[start:end], pad, vlm.device)
+        chunk = adapters[start:end].to(vlm.device) if adapters is not None else None
+        answers += _generate(model, chunk, input_ids, attention_mask, max_new_tokens, pad,
+                             tokenizer.eos_token_id, tokenizer)
+    return answers
+
+
+def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(map(len, rows))
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    for b, row in enumerate(rows):
+        input_ids[b, width - len(row):] = torch.tensor(row)
+        attention_mask[b, width - len(row):] = 1
+    return input_ids.to(device), attention_mask.to(device)
+
+
+@torch.no_grad()
+def _generate(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer) -> list[str]:
+    def run():
+        return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
+                              do_sample=False, pad_token_id=pad, eos_token_id=eos)
+
+    if adapters is None:
+        out = run()
+    else:
+        with LoRAPatch(down_proj_targets(model), adapters.A, adapters.B, adapters.alpha):
+            out = run()
+    return [text.strip() for text in tokenizer.batch_decode(out[:, input_ids.shape[1]:], skip_special_tokens=True)]
+
+
+class Session:
+    """A VLM and its hypernetwork, held together: `internalize`, `ask`, `load_adapters`."""
+
+    def __init__(self, vlm: VLM, hypernet):
+        check_hypernet_matches(hypernet, vlm.model)
+        self.vlm, self.hypernet = vlm, hypernet
+
+    def internalize(self, videos, **kwargs) -> Adapters:
+        """`internalize` with this session's models."""
+        return internalize(videos, vlm=self.vlm, hypernet=self.hypernet, **kwargs)
+
+    def ask(self, adapters: Adapters | None, prompts, **kwargs) -> list[str]:
+        """`ask` with this session's VLM."""
+        return ask(adapters, prompts, vlm=self.vlm, **kwargs)
+
+    def load_adapters(self, path: str | os.PathLike) -> Adapters:
+        """Read adapters saved with `Adapters.save`, refused if made for another base model."""
+        return Adapters.load(path, model=self.vlm.model, device=self.vlm.device)
+
+
+def load(vlm: str | os.PathLike | VLM, hypernet, *, dtype: torch.dtype = torch.bfloat16,
+         device: str | torch.device | None = None, **vlm_kwargs) -> Session:
+    """Load a `Session`: a SmolVLM2 (hub id, directory or `VLM`) and a Frames2LoRA hypernetwork.
+
+    Args:
+        vlm: hub id or directory for `load_smolvlm`, or a loaded `VLM`.
+        hypernet: a checkpoint path or state dict for `v2l_fast.hypernet.load_frames2lora`,
+            or a `Frames2LoRA` module.
+        dtype: VLM weight dtype when loading it (the hypernetwork keeps its own, fp32).
+        device: where to run (None: CUDA when available, else CPU).
+        vlm_kwargs: passed to `load_smolvlm` (``tokenizer=``, ``max_frames=`` …).
+    """
+    from v2l_fast.hypernet import load_frames2lora
+
+    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if not isinstance(vlm, VLM):
+        vlm = load_smolvlm(vlm, dtype=dtype, device=device, **vlm_kwargs)
+    if not isinstance(hypernet, torch.nn.Module):
+        hypernet = load_frames2lora(hypernet, expect=vlm.model.config, device=vlm.device)
+    return Session(vlm, hypernet.to(vlm.device).eval())

@@ -1,0 +1,41 @@
+"""Feature extraction for the hypernetwork (FRAMES2LORA_SPEC §2, "Forward").
+
+One forward of the inner SmolVLM model (no LM head) on video + instruction with
+``output_hidden_states=True`` and ``use_cache=False`` under ``no_grad``. Hidden state i < L is
+the residual stream entering decoder layer i (entry 0: token embeddings, with the connector
+outputs at ``<image>`` positions); the last entry (the final norm's output) is dropped. All
+positions are kept; the attention mask is the hypernetwork's context mask.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from v2l_fast.errors import check_tensor, fail
+from v2l_fast.vlm.frames import VideoBatch
+
+
+def inner_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The SmolVLM model without its LM head (``model.model`` of the generation class)."""
+    return model.model if hasattr(model, "lm_head") else model
+
+
+@torch.no_grad()
+def extract_features(model: torch.nn.Module, batch: VideoBatch) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stacked layer states ``[B, L, S, H]`` (model dtype) and the mask ``[B, S]`` of ``batch``.
+
+    ``model`` is a SmolVLMForConditionalGeneration or its inner model; ``batch`` is moved to
+    the model's device and its pixels cast to the model's dtype.
+    """
+    check_tensor("input_ids", batch.input_ids, ndim=2, index=True, shape_hint="[B, S]")
+    if batch.attention_mask.shape != batch.input_ids.shape:
+        fail("attention_mask", f"shape {list(batch.input_ids.shape)} (that of input_ids)",
+             list(batch.attention_mask.shape))
+    vlm = inner_model(model)
+    param = next(vlm.parameters())
+    batch = batch.to(param.device, param.dtype)
+    out = vlm(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+              pixel_values=batch.pixel_values, pixel_attention_mask=batch.pixel_attention_mask,
+              output_hidden_states=True, use_cache=False, return_dict=True)
+    states = out.hidden_states[:-1]
+    return torch.stack(states, dim=1), batch.attention_mask
