@@ -16,7 +16,8 @@ from v2l_fast.hypernet import (
 )
 from v2l_fast.hypernet.model import l2_normalize
 from v2l_fast.hypernet.perceiver import PerceiverLayer
-from v2l_fast.testing import assert_rel_close, smolvlm_config
+from v2l_fast.ops import backends
+from v2l_fast.testing import assert_rel_close, rel_error, smolvlm_config
 
 FIXTURES = "/work/shared/fixtures"
 FIXTURE_TOL = 1e-5
@@ -83,6 +84,51 @@ def test_fixture_adapters(hypernet, fixture):
     for name, ref in (("generated_A", "out.A"), ("generated_B", "out.B"), ("A", "out.A_combined"),
                       ("B", "out.B_combined"), ("bias_A", "out.bias_A"), ("bias_B", "out.bias_B")):
         assert_rel_close(getattr(out, name), fixture[ref], tol=FIXTURE_TOL)
+
+
+@torch.no_grad()
+def test_fixture_e2e_adapters_from_vlm_features(hypernet, fixture):
+    """Features extracted by the official code from the tiny VLM give the official adapters."""
+    out = hypernet.generate(fixture["e2e.features"], fixture["e2e.mask"])
+    assert_rel_close(out.A, fixture["e2e.A_combined"], tol=FIXTURE_TOL)
+    assert_rel_close(out.B, fixture["e2e.B_combined"], tol=FIXTURE_TOL)
+
+
+@torch.no_grad()
+def test_fixture_alpha_is_applied_undivided(hypernet, fixture):
+    """The official patched down_proj output is ``x Wᵀ + alpha·(x Aᵀ) B`` with our A, B, alpha."""
+    out = hypernet.generate(fixture["in.features"], fixture["in.mask"])
+    x = fixture["lora.x"]  # [B, T, I]; video b's adapter applies to row b
+    for layer in range(hypernet.config.num_layers):
+        base = x @ fixture["lora.down_proj_weight"][layer].T
+        assert_rel_close(base, fixture["lora.base_out"][layer], tol=FIXTURE_TOL)
+        delta = out.alpha * (x @ out.A[:, layer].mT) @ out.B[:, layer]
+        assert_rel_close(base + delta, fixture["lora.out"][layer], tol=FIXTURE_TOL)
+        assert rel_error(base, fixture["lora.out"][layer]) > 1e-3  # the delta matters here
+
+
+@torch.no_grad()
+def test_fixture_through_triton_backend(fixture, device, monkeypatch):
+    """``$V2L_BACKEND`` switches the Perceiver's attention to the Triton kernel."""
+    missing = backends.runtime_missing("triton", device)
+    if missing:
+        pytest.skip(missing)
+    kernel, calls = backends._load("perceiver_attention", "triton"), []
+
+    def counting_kernel(*args, **kwargs):
+        calls.append(1)
+        return kernel(*args, **kwargs)
+
+    monkeypatch.setitem(backends._implementations["perceiver_attention"], "triton", counting_kernel)
+    monkeypatch.setenv("V2L_BACKEND", "triton")
+    model = load_frames2lora(f"{FIXTURES}/frames2lora_tiny_ckpt.pt", device=device)
+    out = model.generate(fixture["in.features"].to(device), fixture["in.mask"].to(device),
+                         autocast=False)
+    assert len(calls) == model.config.num_blocks + 1  # every encoder layer and the decoder
+    # On a GPU the kernel's fp32 dots may use TF32.
+    tol = FIXTURE_TOL if device.type == "cpu" else 1e-3
+    assert_rel_close(out.A.cpu(), fixture["out.A_combined"], tol=tol)
+    assert_rel_close(out.B.cpu(), fixture["out.B_combined"], tol=tol)
 
 
 @torch.no_grad()
