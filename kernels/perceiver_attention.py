@@ -172,8 +172,8 @@ def _context_attention_bwd_kernel(
     tl.store(dqueries_ptr + part[:, None] * D + offs_d[None, :], dqueries, mask=rd_inside)
 
 
-def _dot_config(dtype: torch.dtype) -> tuple:
-    """The dot operand dtype and precision for context of ``dtype``: half stays half, fp32 is exact."""
+def dot_config(dtype: torch.dtype) -> tuple:
+    """``tl.dot`` operand dtype and precision for inputs of ``dtype``: half stays half, fp32 is exact."""
     if dtype == torch.float16:
         return tl.float16, "tf32"
     if dtype == torch.bfloat16:
@@ -216,7 +216,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     run_max = torch.empty(N, splits, R, device=context.device, dtype=torch.float32)
     run_sum = torch.empty_like(run_max)
     keep_ptr, M, stride_km = _mask_args(context, keep)
-    dot_dtype, precision = _dot_config(context.dtype)
+    dot_dtype, precision = dot_config(context.dtype)
     grid = (triton.cdiv(R, block_r), splits, N)
     _context_attention_fwd_kernel[grid](
         queries, context, keep_ptr, acc, run_max, run_sum,
@@ -243,7 +243,7 @@ def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, co
     dqueries = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
     dctx = torch.zeros(N, S, D, device=context.device, dtype=torch.float32) if context_grad else dqueries
     keep_ptr, M, stride_km = _mask_args(context, keep)
-    dot_dtype, precision = _dot_config(context.dtype)
+    dot_dtype, precision = dot_config(context.dtype)
     grid = (triton.cdiv(R, block_r), splits, N)
     _context_attention_bwd_kernel[grid](
         queries, du, lse, delta, context, keep_ptr, dqueries, dctx,
