@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import types
+from pathlib import Path
 
 import pytest
 import torch
@@ -116,6 +117,15 @@ def test_non_zip_and_missing_files_are_refused(tmp_path):
         load_frames2lora(tmp_path / "missing.pt")
     with pytest.raises(ValueError, match=r"^path_or_state_dict: "):
         load_frames2lora(3)
+    truncated = tmp_path / "truncated.pt"
+    data = Path(OFFICIAL_PT).read_bytes()
+    truncated.write_bytes(data[:len(data) // 2] + data[-2000:])  # zip directory kept, data cut
+    with pytest.raises(ValueError, match=r"^path: .*readable torch.save checkpoint"):
+        load_frames2lora(truncated)
+    not_a_dict = tmp_path / "list.pt"
+    torch.save([torch.zeros(1)], not_a_dict)
+    with pytest.raises(ValueError, match=r"^path: .*state dict"):
+        load_frames2lora(not_a_dict)
 
 
 def test_compiled_prefix_is_stripped_and_safetensors_file_loads(state_dict, tmp_path):
@@ -208,6 +218,10 @@ def test_own_format_bad_inputs(tmp_path):
     with open(os.path.join(directory, "config.json"), "w") as f:
         f.write('{"format": "something-else", "version": 1}')
     with pytest.raises(ValueError, match=r"^path: .*format"):
+        load_frames2lora(directory)
+    with open(os.path.join(directory, "config.json"), "w") as f:
+        f.write("{not json")
+    with pytest.raises(ValueError, match=r"^path: .*valid JSON"):
         load_frames2lora(directory)
 
 

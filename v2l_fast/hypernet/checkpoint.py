@@ -24,6 +24,7 @@ from collections import OrderedDict
 from collections.abc import Mapping
 
 import torch
+from safetensors.torch import load_file, save_file
 
 from v2l_fast.errors import fail
 from v2l_fast.hypernet.config import DEFAULT_HEAD_DIM, Frames2LoRAConfig, check_compatible
@@ -119,7 +120,18 @@ def read_official_checkpoint(path: str | os.PathLike, map_location=None) -> dict
         fail("path", "a checkpoint in torch.save's zip format (the official save)",
              f"{os.fspath(path)!r}, which is not a zip archive")
     # A pickle_module makes torch.load use our find_class for every non-storage global.
-    return dict(torch.load(path, map_location=map_location, pickle_module=_restricted_pickle))
+    try:
+        entries = torch.load(path, map_location=map_location, pickle_module=_restricted_pickle)
+        problem = None
+    except UnsafeCheckpointError:
+        raise
+    except (RuntimeError, EOFError, pickle.UnpicklingError) as err:
+        problem = f"{os.fspath(path)!r}: {type(err).__name__}: {err}"
+    if problem is not None:
+        fail("path", "a readable torch.save checkpoint", problem)
+    if not isinstance(entries, Mapping):
+        fail("path", "a checkpoint holding a state dict", type(entries).__name__)
+    return dict(entries)
 
 
 def _strip_compile_prefix(state_dict: Mapping) -> dict:
@@ -216,23 +228,23 @@ def _check_pickled_config(config: Frames2LoRAConfig, record) -> None:
                  pickled)
 
 
-def _load_own_format(directory: str, device) -> tuple[Frames2LoRAConfig, dict]:
-    from safetensors.torch import load_file
-
+def _load_own_format(directory: str, device: str) -> tuple[Frames2LoRAConfig, dict]:
     config_path = os.path.join(directory, CONFIG_FILE)
     weights_path = os.path.join(directory, WEIGHTS_FILE)
     for required in (config_path, weights_path):
         if not os.path.isfile(required):
             fail("path", f"a directory written by save_frames2lora (with {CONFIG_FILE} and "
                  f"{WEIGHTS_FILE})", f"{directory!r} without {os.path.basename(required)}")
-    with open(config_path) as f:
-        meta = json.load(f)
+    try:
+        with open(config_path) as f:
+            meta = json.load(f)
+    except ValueError as err:
+        fail("path", f"a valid JSON {CONFIG_FILE}", f"{config_path}: {err}")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT_NAME:
         fail("path", f"a {CONFIG_FILE} with format {FORMAT_NAME!r}", config_path)
     if meta.get("version") != FORMAT_VERSION:
         fail("path", f"format version {FORMAT_VERSION}", f"{meta.get('version')} in {config_path}")
-    device_name = str(device) if device is not None else "cpu"
-    return Frames2LoRAConfig.from_dict(meta.get("config")), load_file(weights_path, device=device_name)
+    return Frames2LoRAConfig.from_dict(meta.get("config")), load_file(weights_path, device=device)
 
 
 def load_frames2lora(path_or_state_dict, *, expect=None, device=None) -> Frames2LoRA:
@@ -254,14 +266,13 @@ def load_frames2lora(path_or_state_dict, *, expect=None, device=None) -> Frames2
         config = None
     elif isinstance(path_or_state_dict, (str, os.PathLike)):
         path = os.fspath(path_or_state_dict)
+        read_to = str(device) if device is not None else "cpu"
         if os.path.isdir(path):
-            config, entries = _load_own_format(path, device)
+            config, entries = _load_own_format(path, read_to)
         elif not os.path.isfile(path):
             fail("path", "an existing checkpoint file or directory", repr(path))
         elif path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-
-            config, entries = None, load_file(path, device=str(device) if device else "cpu")
+            config, entries = None, load_file(path, device=read_to)
         else:
             config, entries = None, read_official_checkpoint(path, map_location=device)
     else:
@@ -284,8 +295,6 @@ def save_frames2lora(model: Frames2LoRA, directory: str | os.PathLike) -> str:
 
     Returns the directory; `load_frames2lora(directory)` reads it back.
     """
-    from safetensors.torch import save_file
-
     if not isinstance(model, Frames2LoRA):
         fail("model", "a Frames2LoRA", type(model).__name__)
     directory = os.fspath(directory)
