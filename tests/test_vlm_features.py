@@ -1,0 +1,73 @@
+"""Feature extraction: the fixture's official features, shapes, batching over frame counts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from v2l_fast.testing import assert_rel_close, tiny_smolvlm_tokenizer, tiny_vlm
+from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
+
+FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+needs_fixture = pytest.mark.skipif(not (FIXTURES / "frames2lora_tiny_vlm").is_dir(),
+                                   reason=f"fixtures not present under {FIXTURES}")
+
+
+@needs_fixture
+def test_features_match_the_official_extraction():
+    fx = load_file(FIXTURES / "frames2lora_tiny.safetensors")
+    vlm = load_smolvlm(FIXTURES / "frames2lora_tiny_vlm", dtype=torch.float32, tokenizer=tiny_smolvlm_tokenizer())
+    ids = fx["e2e.ctx_input_ids"]
+    batch = VideoBatch(ids, torch.ones_like(ids), fx["e2e.pixel_values"], fx["e2e.pixel_attention_mask"])
+    features, mask = extract_features(vlm.model, batch)
+    assert features.shape == (1, 4, 21, 64)
+    assert_rel_close(features, fx["e2e.features"], tol=1e-5)
+    assert torch.equal(mask, fx["e2e.mask"])
+
+
+def test_features_are_the_states_entering_each_decoder_layer():
+    vlm = tiny_vlm(seed=1, longest_edge=64)
+    video = Video.from_frames(np.random.default_rng(0).integers(0, 256, (2, 24, 40, 3), dtype=np.uint8))
+    batch = build_video_batch([video], "Remember.", vlm.tokenizer, vlm.preprocessor)
+    features, mask = extract_features(vlm.model, batch)
+    layers = vlm.model.model.text_model.layers
+    entering = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args, kw: entering.append(args[0] if args
+                                                                                  else kw["hidden_states"]),
+                                             with_kwargs=True) for layer in layers]
+    try:
+        with torch.no_grad():
+            vlm.model.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                            pixel_values=batch.pixel_values, pixel_attention_mask=batch.pixel_attention_mask)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    assert features.shape == (1, len(layers), batch.input_ids.shape[1], 64)
+    torch.testing.assert_close(features[0], torch.cat(entering), rtol=0, atol=0)
+    assert torch.equal(mask, batch.attention_mask)
+
+
+def test_batch_of_different_frame_counts_equals_one_by_one():
+    vlm = tiny_vlm(seed=2, longest_edge=64)
+    rng = np.random.default_rng(1)
+    videos = [Video.from_frames(rng.integers(0, 256, (n, 20, 28, 3), dtype=np.uint8), fps=1) for n in (3, 1, 2)]
+    batch = build_video_batch(videos, "Remember.", vlm.tokenizer, vlm.preprocessor)
+    features, mask = extract_features(vlm.model, batch)
+    for b, video in enumerate(videos):
+        alone, alone_mask = extract_features(vlm.model, build_video_batch([video], "Remember.", vlm.tokenizer,
+                                                                           vlm.preprocessor))
+        n = alone.shape[2]
+        assert int(mask[b].sum()) == n and not mask[b, n:].any()
+        assert_rel_close(features[b:b + 1, :, :n], alone, tol=1e-5)
+
+
+def test_extract_features_rejects_mismatched_mask():
+    vlm = tiny_vlm()
+    ids = torch.ones(1, 5, dtype=torch.long)
+    with pytest.raises(ValueError, match="attention_mask"):
+        extract_features(vlm.model, VideoBatch(ids, torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 1, 3, 32, 32),
+                                               torch.ones(1, 1, 32, 32, dtype=torch.bool)))
