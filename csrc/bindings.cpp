@@ -3,6 +3,8 @@
 
 #include <string>
 
+#include "lora.h"
+
 namespace {
 
 pybind11::dict build_info() {
@@ -32,4 +34,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "v2l_fast compiled kernels (C++ always, CUDA when built with a CUDA toolchain)";
   m.def("build_info", &build_info,
         "What this extension was built with: version, torch, cuda (bool), cuda_archs, compiler.");
+  m.def("lora_sgmv_cpu", &lora_sgmv_cpu, "SGMV LoRA forward on CPU (x, A, B, seg_indptr, seg_adapter, ranks, scaling, base)",
+        pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("seg_indptr"),
+        pybind11::arg("seg_adapter"), pybind11::arg("ranks"), pybind11::arg("scaling"), pybind11::arg("base"));
+#ifdef V2L_WITH_CUDA
+  m.def("lora_sgmv_cuda", &lora_sgmv_cuda, "SGMV LoRA decode forward on CUDA, shrink + expand in one launch");
+#endif
 }

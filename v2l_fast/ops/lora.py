@@ -64,7 +64,7 @@ def _lora_sgmv_cuda(x, A, B, seg_indptr, seg_adapter, *, ranks=None, layer=None,
     if layer is not None:
         A, B = A[:, layer], B[:, layer]
     return require_extension().lora_sgmv_cuda(x, A, B, ranks, float(scaling), base, meta.sorted_tokens,
-                                              meta.work_group, meta.work_start, meta.work_end, meta.block_m)
+                                              meta.work_group, meta.work_start, meta.work_end)
 
 
 register("lora_sgmv", "torch", reference.lora_sgmv)
