@@ -112,10 +112,6 @@ def test_gradients_match_brute_force_autograd():
         assert err <= 1e-5, f"d{name}: relative error {err:.2e}"
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the reference computes RMSNorm statistics (x.float()), masked scores (.float()) and the "
-    "softmax (dtype=torch.float32) in fp32 even for fp64 inputs, so fp64 gradcheck's finite "
-    "differences see fp32 rounding; fix: upcast to promote_types(dtype, float32) instead"))
 def test_gradcheck_fp64():
     inputs = make_inputs(2, 2, 4, 6, 4, 2, 3, dtype=torch.float64, seed=9)
     mask = torch.tensor([[1, 0, 1, 1]])

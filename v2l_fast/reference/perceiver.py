@@ -21,8 +21,9 @@ from v2l_fast.errors import check_dim, check_tensor, describe, fail
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Idefics2 RMSNorm (spec §3.3): statistics in fp32, cast back, then times ``weight``."""
-    normed = x.float() * torch.rsqrt(x.float().pow(2).mean(-1, keepdim=True) + eps)
+    """Idefics2 RMSNorm (spec §3.3): statistics in fp32 (fp64 stays fp64), cast back, times ``weight``."""
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
     return weight * normed.to(x.dtype)
 
 
@@ -146,7 +147,8 @@ def perceiver_attention(
     if context_mask is not None:
         keep = torch.ones(N, S + Q, dtype=torch.bool, device=latents.device)
         keep[:, :S] = expand_context_mask(context_mask, N)
-        scores = scores.float().masked_fill(~keep[:, None, None, :], float("-inf"))
-    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(q.dtype)
+        scores = scores.masked_fill(~keep[:, None, None, :], float("-inf"))
+    softmax_dtype = torch.promote_types(scores.dtype, torch.float32)  # fp32 as the official code; fp64 kept
+    probs = torch.softmax(scores, dim=-1, dtype=softmax_dtype).to(q.dtype)
     attn = (probs @ v).transpose(1, 2).reshape(N, Q, num_heads * hd)
     return attn @ o_weight.T
