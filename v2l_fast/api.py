@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 from v2l_fast.adapters import Adapters, base_fingerprint, check_compatible
 from v2l_fast.errors import fail
 from v2l_fast.vlm.features import extract_features
-from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, build_video_batch
+from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, build_video_batch
 from v2l_fast.vlm.load import VLM, load_smolvlm
 from v2l_fast.vlm.lora_patch import LoRAPatch, down_proj_targets, is_patched
 from v2l_fast.vlm.video import Video, read_video
@@ -147,8 +147,11 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
                  f"{len(adapters)} adapters")
         check_compatible(adapters.base, vlm.model)
     tokenizer, model = vlm.tokenizer, vlm.model
-    visual_ids = {model.config.image_token_id,
-                  *(tokenizer.convert_tokens_to_ids(t) for t in ("<fake_token_around_image>", "<global-img>"))}
+    visual_ids = {model.config.image_token_id}
+    for token in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if tokenizer.convert_ids_to_tokens(token_id) == token:  # not the unknown-token id
+            visual_ids.add(token_id)
     ids = [question_ids(tokenizer, prompt) for prompt in prompts]
     for i, row in enumerate(ids):
         if visual_ids.intersection(row):
