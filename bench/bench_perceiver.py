@@ -1,0 +1,181 @@
+"""Benchmarks of the Perceiver hypernetwork's hot paths: the cross-attention blocks and the
+modality projection, at the workloads of SmolVLM2-500M and -2.2B (`pytest bench/bench_perceiver.py
+--benchmark`).
+
+Blocks: the 9 encoder cross-attention layers (D=512, Q=8 latents, nh=16, hd=128, nkv=4) over the
+projected context of one video (N = L rows), ``z ← z + attention(z, context)`` per layer, forward
+(no grad, as at internalisation) and forward+backward (gradients for the latents, every weight
+and the context, as in training). Providers: ``reference`` (eager, K/V materialised),
+``sdpa`` (K/V materialised, torch scaled_dot_product_attention), ``triton`` (absorbed K/V).
+Projection: the SwiGLU H → 4H → D over all L·S rows, ``torch`` (three linears) vs ``triton``.
+
+Without CUDA only 12 frames run (fp32, short rounds) and triton is skipped: the interpreter's
+timings mean nothing. Each row carries its FLOP count, the bytes of projected context read (for
+the blocks) and the peak extra CUDA memory.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from v2l_fast.reference import perceiver_attention as reference_attention
+from v2l_fast.reference import rms_norm, swiglu_mlp
+
+import harness
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = harness.device()
+DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+
+MODELS = {"500M": dict(L=32, H=960, tokens_per_frame=64), "2.2B": dict(L=24, H=2048, tokens_per_frame=81)}
+FRAMES = (12, 64, 256, 1024)
+PROMPT_TOKENS = 64  # chat template, frame captions and the internalisation prompt, roughly
+D, Q, NUM_HEADS, HEAD_DIM, NUM_KV_HEADS, NUM_BLOCKS = 512, 8, 16, 128, 4, 9
+
+
+def context_length(model: str, frames: int) -> int:
+    return frames * MODELS[model]["tokens_per_frame"] + PROMPT_TOKENS
+
+
+def block_flops(rows: int, S: int, absorbed: bool) -> int:
+    """Forward FLOPs of the 9 blocks' attention over the context (the latent-only terms are <1%)."""
+    R = NUM_HEADS * Q
+    per_token = 4 * R * D if absorbed else 4 * NUM_KV_HEADS * HEAD_DIM * D + 4 * R * HEAD_DIM
+    return NUM_BLOCKS * rows * S * per_token
+
+
+def projection_flops(rows: int, H: int) -> int:
+    return rows * (2 * H * 8 * H + 2 * 4 * H * D)
+
+
+def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
+                   latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
+    """The materialised-K/V peer: both norms, K/V of [context ; latents], fused SDPA, o_proj."""
+    N, S = context.shape[:2]
+    zn = rms_norm(latents, latents_norm_weight, eps).to(latents.dtype)
+    kv_in = torch.cat([rms_norm(context, context_norm_weight, eps).to(context.dtype), zn], dim=1)
+    q = F.linear(zn, q_weight).view(N, Q, num_heads, -1).transpose(1, 2)
+    k = F.linear(kv_in, k_weight).view(N, S + Q, num_kv_heads, -1).transpose(1, 2)
+    v = F.linear(kv_in, v_weight).view(N, S + Q, num_kv_heads, -1).transpose(1, 2)
+    keep = torch.ones(N, 1, 1, S + Q, dtype=torch.bool, device=context.device)
+    keep[:, 0, 0, :S] = context_mask.bool().repeat(N // context_mask.shape[0], 1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=keep, enable_gqa=True)
+    return F.linear(out.transpose(1, 2).reshape(N, Q, -1), o_weight)
+
+
+def _provider(name: str):
+    if name == "reference":
+        return functools.partial(reference_attention, check=False)
+    if name == "sdpa":
+        return sdpa_attention
+    from v2l_fast.kernels.perceiver_attention import perceiver_attention
+
+    return functools.partial(perceiver_attention, check=False)
+
+
+def _block_weights(requires_grad: bool):
+    gen = torch.Generator().manual_seed(0)
+
+    def linear(out_f, in_f):
+        w = (torch.rand(out_f, in_f, generator=gen) * 2 - 1) / math.sqrt(in_f)
+        return w.to(DEVICE, DTYPE).requires_grad_(requires_grad)
+
+    return [dict(q_weight=linear(NUM_HEADS * HEAD_DIM, D), k_weight=linear(NUM_KV_HEADS * HEAD_DIM, D),
+                 v_weight=linear(NUM_KV_HEADS * HEAD_DIM, D), o_weight=linear(D, NUM_HEADS * HEAD_DIM),
+                 latents_norm_weight=torch.ones(D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad),
+                 context_norm_weight=torch.ones(D, device=DEVICE, dtype=DTYPE, requires_grad=requires_grad))
+            for _ in range(NUM_BLOCKS)]
+
+
+def _skip_reason(frames: int, provider: str) -> str | None:
+    if provider == "triton" and not ON_GPU:
+        return "triton runs only under the interpreter without a GPU: its timing is not meaningful"
+    if frames > 12 and not ON_GPU:
+        return "without a GPU only the 12-frame workloads run (CPU time)"
+    return None
+
+
+def _measure(benchmark, bench_record, fn, rounds, **row):
+    """Peak memory once, then timed rounds; an out-of-memory run is recorded as such."""
+    try:
+        row["peak_memory_bytes"] = harness.peak_memory(fn)
+        benchmark.pedantic(harness.timed(fn), rounds=rounds, warmup_rounds=1, iterations=1)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        bench_record(None, **row, error="out of memory")
+        pytest.skip(f"out of memory: {row}")
+    bench_record(benchmark, **row)
+
+
+@pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
+@pytest.mark.parametrize("provider", ["reference", "sdpa", "triton"])
+@pytest.mark.parametrize("frames", FRAMES)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_blocks(benchmark, bench_record, model, frames, provider, mode):
+    reason = _skip_reason(frames, provider)
+    if reason:
+        pytest.skip(reason)
+    L, S = MODELS[model]["L"], context_length(model, frames)
+    training = mode == "fwd+bwd"
+    gen = torch.Generator().manual_seed(1)
+    context = torch.randn(L, S, D, generator=gen).to(DEVICE, DTYPE).requires_grad_(training)
+    latents = torch.randn(L, Q, D, generator=gen).to(DEVICE, DTYPE).requires_grad_(training)
+    mask = torch.ones(1, S, dtype=torch.bool, device=DEVICE)
+    blocks = _block_weights(training)
+    attention = functools.partial(_provider(provider), num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS)
+
+    def forward():
+        z = latents
+        for weights in blocks:
+            z = z + attention(z, context, mask, **weights)
+        return z
+
+    leaves = [latents, context] + [w for weights in blocks for w in weights.values()]
+    grad_out = torch.randn(L, Q, D, generator=gen).to(DEVICE, DTYPE)
+
+    def step():
+        if not training:
+            with torch.no_grad():
+                return forward()
+        return torch.autograd.grad(forward(), leaves, grad_out)
+
+    flops = block_flops(L, S, absorbed=provider == "triton")
+    _measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 2, op="blocks", model=model,
+             frames=frames, S=S, rows=L, provider=provider, mode=mode, dtype=str(DTYPE),
+             flops=flops * (3 if training else 1), bytes=NUM_BLOCKS * context.numel() * context.element_size())
+
+
+@pytest.mark.parametrize("provider", ["torch", "triton"])
+@pytest.mark.parametrize("frames", FRAMES)
+@pytest.mark.parametrize("model", list(MODELS))
+def test_projection(benchmark, bench_record, model, frames, provider):
+    reason = _skip_reason(frames, provider)
+    if reason:
+        pytest.skip(reason)
+    if model != "500M" and not ON_GPU:
+        pytest.skip("without a GPU only the 500M projection runs (CPU time)")
+    L, H = MODELS[model]["L"], MODELS[model]["H"]
+    rows = L * context_length(model, frames)
+    gen = torch.Generator().manual_seed(2)
+    x = torch.randn(rows, H, generator=gen).to(DEVICE, DTYPE)
+    gate, up = ((torch.randn(4 * H, H, generator=gen) / math.sqrt(H)).to(DEVICE, DTYPE) for _ in range(2))
+    down = (torch.randn(D, 4 * H, generator=gen) / math.sqrt(4 * H)).to(DEVICE, DTYPE)
+    if provider == "torch":
+        fn = functools.partial(swiglu_mlp, x, gate, up, down)
+    else:
+        from v2l_fast.kernels.swiglu import swiglu_mlp as fused
+
+        fn = functools.partial(fused, x, gate, up, down)
+
+    def step():
+        with torch.no_grad():
+            return fn()
+
+    _measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 1, op="projection", model=model,
+             frames=frames, rows=rows, provider=provider, mode="fwd", dtype=str(DTYPE),
+             flops=projection_flops(rows, H))
