@@ -181,7 +181,7 @@ def dot_config(dtype: torch.dtype) -> tuple:
     return tl.float32, "ieee"
 
 
-def _tiles(R: int, S: int, D: int, device: torch.device, num_splits: int | None):
+def _tiles(N: int, R: int, S: int, D: int, device: torch.device, num_splits: int | None):
     """Block sizes, key tiles per split and the number of splits for one launch."""
     block_d = max(16, triton.next_power_of_2(D))
     block_s = 64 if D <= 256 else 32
@@ -190,9 +190,11 @@ def _tiles(R: int, S: int, D: int, device: torch.device, num_splits: int | None)
     block_r = max(16, min(r_cap, triton.next_power_of_2(R)))
     num_tiles = triton.cdiv(S, block_s)
     if num_splits is None:
+        # Split keys only as far as needed to give every SM two programs (on the CPU: a few, so
+        # the interpreter also runs the merge); the partials then stay O(programs · BLOCK_R · D).
         programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
             if device.type == "cuda" else 4
-        num_splits = programs
+        num_splits = triton.cdiv(programs, N * triton.cdiv(R, block_r))
     tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_splits, num_tiles)))
     return block_r, block_s, block_d, tiles_per_split, triton.cdiv(num_tiles, tiles_per_split)
 
@@ -211,7 +213,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     """
     N, R, D = queries.shape
     S = context.shape[1]
-    block_r, block_s, block_d, tiles_per_split, splits = _tiles(R, S, D, context.device, num_splits)
+    block_r, block_s, block_d, tiles_per_split, splits = _tiles(N, R, S, D, context.device, num_splits)
     acc = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
     run_max = torch.empty(N, splits, R, device=context.device, dtype=torch.float32)
     run_sum = torch.empty_like(run_max)
@@ -237,7 +239,7 @@ def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, co
     """Gradients of `context_attention_forward` for ``queries`` and (if asked) ``context``."""
     N, R, D = queries.shape
     S = context.shape[1]
-    block_r, block_s, block_d, tiles_per_split, splits = _tiles(R, S, D, context.device, num_splits)
+    block_r, block_s, block_d, tiles_per_split, splits = _tiles(N, R, S, D, context.device, num_splits)
     du = du.contiguous()
     delta = ((du * u).sum(-1) - dlse).contiguous()
     dqueries = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
