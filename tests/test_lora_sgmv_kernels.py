@@ -268,6 +268,7 @@ def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
     monkeypatch.delenv("V2L_BACKEND", raising=False)
     impl = resolve("lora_sgmv", "auto", torch.device("cpu"))
     assert impl.__module__ != "v2l_fast.kernels.lora_sgmv"
+    assert impl is (ops_lora._lora_sgmv_cpp if CPP_MISSING is None else reference)
 
 
 @pytest.mark.skipif(CPP_MISSING is not None, reason=f"cpp backend: {CPP_MISSING}")
@@ -278,6 +279,15 @@ def test_cpp_with_gradients_falls_back_to_the_reference():
     x_ref = args["x"].clone().requires_grad_()
     reference(**(args | dict(x=x_ref))).sum().backward()
     assert_rel_close(x.grad, x_ref.grad, torch.float32)
+
+
+@pytest.mark.skipif(CPP_MISSING is not None, reason=f"cpp backend: {CPP_MISSING}")
+def test_cpp_keeps_fp64_accumulation():
+    args = make_case(12, 40, 24, 8, 2, 3)
+    args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
+    out = ops_lora.lora_sgmv(**args, backend="cpp")
+    assert out.dtype == torch.float64
+    assert_rel_close(out, reference(**args), torch.float64)
 
 
 GPU_BACKENDS = ["triton", "cuda"]
