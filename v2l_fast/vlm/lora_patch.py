@@ -71,8 +71,9 @@ class _LoRAHook:
         rows, width = x.shape[0], x.shape[-1]
         tokens = x.numel() // width
         indptr, adapters, metadata = self.patch.segments(rows, tokens // max(rows, 1), x.device)
-        out = lora_sgmv(x.reshape(tokens, width), self.patch.A, self.patch.B, indptr, adapters,
-                        ranks=self.patch.ranks, layer=self.layer, scaling=self.patch.scaling,
+        A, B = self.patch.layer_factors(self.layer)
+        out = lora_sgmv(x.reshape(tokens, width), A, B, indptr, adapters,
+                        ranks=self.patch.ranks, scaling=self.patch.scaling,
                         base=output.reshape(tokens, output.shape[-1]), check=False,
                         metadata=metadata, backend=self.patch.backend)
         return out.view(output.shape)
@@ -126,6 +127,9 @@ class LoRAPatch:
         if ranks is not None:
             ranks = ranks.to(device)
         self.A, self.B, self.scaling, self.ranks, self.backend = A, B, float(scaling), ranks, backend
+        # Per-layer [n, R, ·] views: in training, autograd then stacks the layers' gradients
+        # into the pool once instead of adding a full-pool zero gradient per layer.
+        self._A_layers, self._B_layers = A.unbind(1), B.unbind(1)
         self.row_adapters = row_adapters
         rows = A.shape[0] if row_adapters is None else row_adapters.shape[0]
         indptr, adapters = self._build_segments(rows, 1, device)
@@ -134,6 +138,10 @@ class LoRAPatch:
         self._segments: dict[tuple, tuple] = {}
         self._handles = [module.register_forward_hook(_LoRAHook(self, layer))
                          for module, layer in zip(targets, layers)]
+
+    def layer_factors(self, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Layer ``layer``'s adapter factors, ``([n, R, I], [n, R, O])`` views of the pool."""
+        return self._A_layers[layer], self._B_layers[layer]
 
     @property
     def num_rows(self) -> int:
