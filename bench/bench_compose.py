@@ -13,7 +13,7 @@ import torch
 
 from v2l_fast.ops import compose_adapters
 
-from harness import device, peak_memory, timed
+from harness import device, measure, timed
 
 SHAPES = {"500M": (2560, 960), "2.2B": (8192, 2048)}
 SEGMENTS = [4, 16] if torch.cuda.is_available() else [4]
@@ -38,6 +38,5 @@ def test_recompress(benchmark, bench_record, provider, shape, segments):
     else:
         A, B = torch.cat(As), torch.cat(Bs)
         fn = timed(lambda: dense_svd(A, B, 32))
-    benchmark.pedantic(fn, rounds=3, warmup_rounds=1)
-    bench_record(benchmark, op="compose_adapters(max_rank=32)", provider=provider, shape=shape,
-                 I=I, O=O, segments=segments, rank_in=32 * segments, peak_bytes=peak_memory(fn))
+    measure(benchmark, bench_record, fn, rounds=3, op="compose_adapters(max_rank=32)", provider=provider,
+            shape=shape, I=I, O=O, segments=segments, rank_in=32 * segments)

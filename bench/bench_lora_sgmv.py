@@ -130,18 +130,6 @@ def peft_layer(batch, W):
     return layer
 
 
-def measure(benchmark, bench_record, fn, **row):
-    """Peak memory once, then timed rounds; an out-of-memory run is recorded as such."""
-    try:
-        row["peak_memory_bytes"] = harness.peak_memory(fn)
-        benchmark.pedantic(harness.timed(fn), rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        bench_record(None, **row, error="out of memory")
-        pytest.skip(f"out of memory: {row}")
-    bench_record(benchmark, **row)
-
-
 def _shape_row(batch, model, **extra):
     return dict(model=model, I=batch["x"].shape[1], O=batch["B"].shape[-1], R=RANK, tokens=batch["x"].shape[0],
                 segments=batch["seg_adapter"].numel(), adapters=batch["A"].shape[0], act_dtype=str(ACT_DTYPE),
@@ -156,8 +144,9 @@ def test_decode(benchmark, bench_record, model, tokens, adapters, provider):
     if isinstance(fn, str):
         pytest.skip(fn)
     step = torch.no_grad()(functools.partial(fn, batch["x"], batch["A"], batch["B"], batch["base"]))
-    measure(benchmark, bench_record, step, op="lora", workload="decode", provider=provider,
-            bytes=lora_bytes(batch), **_shape_row(batch, model))
+    harness.measure(benchmark, bench_record, step, rounds=ROUNDS,
+                    op="lora", workload="decode", provider=provider,
+                    bytes=lora_bytes(batch), **_shape_row(batch, model))
 
 
 @pytest.mark.parametrize("provider", ["peft", "triton", "cuda", "cpp", "base_linear"])
@@ -176,8 +165,9 @@ def test_decode_down_proj(benchmark, bench_record, model, tokens, adapters, prov
         if isinstance(lora, str):
             pytest.skip(lora)
         fn = lambda: lora(x, batch["A"], batch["B"], F.linear(x, W))
-    measure(benchmark, bench_record, torch.no_grad()(fn), op="down_proj", workload="decode", provider=provider,
-            bytes=lora_bytes(batch) + W.numel() * W.element_size(), **_shape_row(batch, model))
+    harness.measure(benchmark, bench_record, torch.no_grad()(fn), rounds=ROUNDS,
+                    op="down_proj", workload="decode", provider=provider,
+                    bytes=lora_bytes(batch) + W.numel() * W.element_size(), **_shape_row(batch, model))
 
 
 @pytest.mark.parametrize("provider", LORA_PROVIDERS)
@@ -188,8 +178,9 @@ def test_prefill(benchmark, bench_record, model, tokens, provider):
     if isinstance(fn, str):
         pytest.skip(fn)
     step = torch.no_grad()(functools.partial(fn, batch["x"], batch["A"], batch["B"], batch["base"]))
-    measure(benchmark, bench_record, step, op="lora", workload="prefill", provider=provider,
-            bytes=lora_bytes(batch), **_shape_row(batch, model))
+    harness.measure(benchmark, bench_record, step, rounds=ROUNDS,
+                    op="lora", workload="prefill", provider=provider,
+                    bytes=lora_bytes(batch), **_shape_row(batch, model))
 
 
 @pytest.mark.parametrize("provider", ["reference", "triton", "einsum"])
@@ -206,8 +197,10 @@ def test_train(benchmark, bench_record, model, videos, questions, seq, provider)
     def step():
         return torch.autograd.grad(fn(*leaves), leaves, grad_out)
 
-    measure(benchmark, bench_record, step, op="lora", workload="train fwd+bwd", provider=provider,
-            videos=videos, questions=questions, seq=seq, bytes=3 * lora_bytes(batch), **_shape_row(batch, model))
+    harness.measure(benchmark, bench_record, step, rounds=ROUNDS,
+                    op="lora", workload="train fwd+bwd", provider=provider,
+                    videos=videos, questions=questions, seq=seq, bytes=3 * lora_bytes(batch),
+                    **_shape_row(batch, model))
 
 
 @pytest.mark.parametrize("model,tokens,adapters", DECODE[-1:] + [(m, t, 4) for m, t in PREFILL[-1:]])
@@ -215,5 +208,6 @@ def test_metadata(benchmark, bench_record, model, tokens, adapters):
     segments = tokens if (model, tokens, adapters) in DECODE else 4
     batch, _ = make_batch(model, tokens, segments, adapters)
     fn = functools.partial(ops_lora.lora_sgmv_metadata, batch["seg_indptr"], batch["seg_adapter"], tokens, adapters)
-    measure(benchmark, bench_record, fn, op="metadata", workload="build once per batch", provider="torch",
-            **_shape_row(batch, model))
+    harness.measure(benchmark, bench_record, fn, rounds=ROUNDS,
+                    op="metadata", workload="build once per batch", provider="torch",
+                    **_shape_row(batch, model))

@@ -100,18 +100,6 @@ def _skip_reason(frames: int, provider: str) -> str | None:
     return None
 
 
-def _measure(benchmark, bench_record, fn, rounds, **row):
-    """Peak memory once, then timed rounds; an out-of-memory run is recorded as such."""
-    try:
-        row["peak_memory_bytes"] = harness.peak_memory(fn)
-        benchmark.pedantic(harness.timed(fn), rounds=rounds, warmup_rounds=1, iterations=1)
-    except torch.cuda.OutOfMemoryError:
-        torch.cuda.empty_cache()
-        bench_record(None, **row, error="out of memory")
-        pytest.skip(f"out of memory: {row}")
-    bench_record(benchmark, **row)
-
-
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
 @pytest.mark.parametrize("provider", ["reference", "sdpa", "triton"])
 @pytest.mark.parametrize("frames", FRAMES)
@@ -145,7 +133,7 @@ def test_blocks(benchmark, bench_record, model, frames, provider, mode):
         return torch.autograd.grad(forward(), leaves, grad_out)
 
     flops = block_flops(L, S, absorbed=provider == "triton")
-    _measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 2, op="blocks", model=model,
+    harness.measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 2, op="blocks", model=model,
              frames=frames, S=S, rows=L, provider=provider, mode=mode, dtype=str(DTYPE),
              flops=flops * (3 if training else 1), bytes=NUM_BLOCKS * context.numel() * context.element_size())
 
@@ -176,6 +164,6 @@ def test_projection(benchmark, bench_record, model, frames, provider):
         with torch.no_grad():
             return fn()
 
-    _measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 1, op="projection", model=model,
+    harness.measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 1, op="projection", model=model,
              frames=frames, rows=rows, provider=provider, mode="fwd", dtype=str(DTYPE),
              flops=projection_flops(rows, H))

@@ -51,6 +51,23 @@ def peak_memory(fn) -> int | None:
     return torch.cuda.max_memory_allocated() - before
 
 
+def measure(benchmark, record, fn, *, rounds: int, **row) -> None:
+    """Peak memory once, then ``rounds`` timed rounds after a warm-up, then ``record`` the row.
+
+    An out-of-memory run is recorded with ``error="out of memory"`` and the test skipped.
+    """
+    import pytest
+
+    try:
+        row["peak_memory_bytes"] = peak_memory(fn)
+        benchmark.pedantic(timed(fn), rounds=rounds, warmup_rounds=1, iterations=1)
+    except torch.cuda.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        record(None, **row, error="out of memory")
+        pytest.skip(f"out of memory: {row}")
+    record(benchmark, **row)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Measured device copy bandwidth in GB/s (read + write) from a large tensor copy."""
     dev = device()
