@@ -1,0 +1,185 @@
+"""The ``v2l-fast`` command line, run in-process: demo, info, internalize → ask on a tiny model
+saved to disk, and bad input (exit code 2, one line on stderr, no traceback)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import v2l_fast
+from v2l_fast.adapters import Adapters
+from v2l_fast.cli import demo_session, main, write_synthetic_video
+from v2l_fast.hypernet import save_frames2lora
+from v2l_fast.ops import available_backends
+from v2l_fast.testing import assert_rel_close, image_seq_len, random_smolvlm, tiny_smolvlm_tokenizer, write_test_video
+
+QUESTIONS = ["What is shown?", "Is anyone moving at all?"]
+
+
+def run(capsys, *argv) -> tuple[int, str, str]:
+    """``main(argv)``: (exit code, stdout, stderr); argparse's own exits count as exit codes."""
+    try:
+        code = main([str(a) for a in argv])
+    except SystemExit as exit:
+        code = exit.code
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def assert_bad_input(result, *fragments: str) -> None:
+    """Exit code 2 and one error line, the last on stderr (progress bars of model loading may
+    come before it), naming ``fragments``; no traceback."""
+    code, _, err = result
+    lines = [line for line in re.split(r"[\r\n]", err) if line.strip()]
+    assert code == 2, err
+    assert "Traceback" not in err and [line for line in lines if line.startswith("v2l-fast")] == lines[-1:], err
+    for fragment in fragments:
+        assert fragment in lines[-1]
+
+
+def save_model(model, directory) -> str:
+    model.save_pretrained(directory)
+    tiny_smolvlm_tokenizer(model.config.text_config.vocab_size).save_pretrained(directory)
+    return str(directory)
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """A tiny VLM and its hypernetwork on disk, the same session in memory, two videos."""
+    root = tmp_path_factory.mktemp("cli")
+    session = demo_session(seed=5, device=torch.device("cpu"), max_frames=3)
+    videos = [root / "a.mp4", root / "b.mp4"]
+    write_test_video(videos[0], num_frames=10, fps=2, seed=1)
+    write_synthetic_video(videos[1], seconds=3)
+    return {"session": session, "vlm": save_model(session.vlm.model, root / "vlm"),
+            "hypernet": save_frames2lora(session.hypernet, root / "hypernet"), "videos": videos, "root": root}
+
+
+@pytest.fixture(scope="module")
+def adapters_file(saved):
+    path = saved["root"] / "two.safetensors"
+    assert main(["internalize", *map(str, saved["videos"]), "--vlm", saved["vlm"], "--hypernet", saved["hypernet"],
+                 "--out", str(path), "--dtype", "fp32", "--max-frames", "3", "--device", "cpu"]) == 0
+    return path
+
+
+def test_demo_runs_the_whole_path_with_zero_visual_tokens_in_the_answers(capsys):
+    code, out, err = run(capsys, "demo", "--frames", "2", "--max-new-tokens", "3", "--questions", "Q one?", "Q two?")
+    assert code == 0, err
+    assert "RANDOM" in out and "meaningless" in out and "--vlm" in out and "--hypernet" in out
+    internalized = re.search(r"context: (\d+) tokens, (\d+) of them visual \(<image>\), from (\d+) frames", out)
+    assert internalized and int(internalized[2]) == 2 * image_seq_len("tiny") and int(internalized[3]) == 2
+    assert int(internalized[1]) > int(internalized[2])
+    asked = re.search(r"context: (\d+)–(\d+) tokens per question, (\d+) visual, (\d+) frames", out)
+    assert asked and int(asked[1]) > 0 and asked[3] == "0" and asked[4] == "0"
+    assert "A [1, 4, 8, 128], B [1, 4, 8, 64]" in out
+    assert "answers with the loaded adapters: identical" in out
+    assert out.count("  Q: ") == 2 and "Q: Q one?" in out and "Q: Q two?" in out
+    for stage in ("build models", "write video", "internalize", "ask", "save adapters", "load adapters"):
+        assert re.search(rf"\n  {re.escape(stage)} +[\d.]+ ms", out), stage
+    assert "lora_sgmv=" in out and "perceiver_attention=" in out
+
+
+def test_demo_backend_switch_gives_the_same_answers(capsys):
+    """--backend triton (interpreter on CPU) routes the Perceiver and the LoRA through the kernels
+    and answers as the default backends do."""
+    pytest.importorskip("triton")
+    argv = ("demo", "--frames", "1", "--max-new-tokens", "3", "--questions", "What?")
+    code, default, _ = run(capsys, *argv)
+    assert code == 0
+    code, triton, err = run(capsys, *argv, "--backend", "triton")
+    assert code == 0, err
+    assert "perceiver_attention=triton" in triton and "lora_sgmv=triton" in triton
+    answer = re.compile(r"\n  A: (.*)\n")
+    assert answer.search(triton)[1] == answer.search(default)[1]
+
+
+def test_info_lists_versions_build_and_backends(capsys):
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f"v2l_fast {v2l_fast.__version__}" in out and f"torch         {torch.__version__}" in out
+    assert f"available backends: {', '.join(available_backends())}\n" in out
+    assert f"built         {v2l_fast.build_info()['built']}" in out
+    assert re.search(r"auto on cpu: perceiver_attention=\w+, swiglu_mlp=\w+, compose_adapters=\w+, lora_sgmv=\w+",
+                     out)
+
+
+def test_internalize_writes_the_adapters_the_api_makes(saved, adapters_file, capsys):
+    expected = saved["session"].internalize(saved["videos"])
+    got = Adapters.load(adapters_file, model=saved["session"].vlm.model)
+    assert got.A.shape == (2, 4, 8, 128) and got.alpha == expected.alpha
+    assert_rel_close(got.A, expected.A, tol=1e-6)
+    assert_rel_close(got.B, expected.B, tol=1e-6)
+    batched = saved["root"] / "batched.safetensors"
+    code, out, err = run(capsys, "internalize", *saved["videos"], "--vlm", saved["vlm"], "--hypernet",
+                         saved["hypernet"], "--out", batched, "--dtype", "fp32", "--max-frames", "3",
+                         "--batch-size", "1")
+    assert code == 0, err
+    assert f"adapter 1: {saved['videos'][1]}" in out and "A [2, 4, 8, 128]" in out
+    assert_rel_close(Adapters.load(batched).A, expected.A, tol=1e-5)
+
+
+def test_ask_answers_as_the_api_with_the_chosen_adapters(saved, adapters_file, capsys):
+    session = saved["session"]
+    adapters = Adapters.load(adapters_file)
+    expected = session.ask(adapters[[1, 0]], QUESTIONS, max_new_tokens=6)
+    code, out, err = run(capsys, "ask", adapters_file, *QUESTIONS, "--vlm", saved["vlm"], "--adapter", "1", "0",
+                         "--max-new-tokens", "6", "--dtype", "fp32")
+    assert code == 0, err
+    assert f"[adapter 1] Q: {QUESTIONS[0]}\nA: {expected[0]}\n" in out
+    assert f"[adapter 0] Q: {QUESTIONS[1]}\nA: {expected[1]}\n" in out
+    one = saved["root"] / "one.safetensors"
+    adapters[1].save(one)
+    code, out, err = run(capsys, "ask", one, QUESTIONS[0], "--vlm", saved["vlm"], "--max-new-tokens", "6",
+                         "--dtype", "fp32")
+    assert code == 0, err
+    assert f"[adapter 0] Q: {QUESTIONS[0]}\nA: {expected[0]}\n" in out
+
+
+def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, capsys):
+    vlm, hypernet = saved["vlm"], saved["hypernet"]
+    internalize = ("internalize", "--vlm", vlm, "--hypernet", hypernet, "--max-frames", "3", "--dtype", "fp32",
+                   "--out", tmp_path / "out.safetensors")
+    assert_bad_input(run(capsys, *internalize, tmp_path / "missing.mp4"), "video file not found", "missing.mp4")
+    corrupt = tmp_path / "corrupt.mp4"
+    corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
+    assert_bad_input(run(capsys, *internalize, corrupt), "corrupt.mp4")
+    assert_bad_input(run(capsys, "internalize", saved["videos"][0], "--vlm", tmp_path / "nowhere",
+                         "--hypernet", hypernet), "--vlm", "nowhere")
+    other = random_smolvlm("tiny", seed=6, num_hidden_layers=2)
+    other_hypernet = save_frames2lora(demo_session(6, torch.device("cpu"), 3).hypernet, tmp_path / "hn-other")
+    other_vlm = save_model(other, tmp_path / "other-vlm")
+    assert_bad_input(run(capsys, "internalize", saved["videos"][0], "--vlm", other_vlm, "--hypernet",
+                         other_hypernet, "--dtype", "fp32"), "num_layers")
+    assert_bad_input(run(capsys, *internalize[:-2], "--out", tmp_path / "no-dir" / "a.safetensors",
+                         saved["videos"][0]), "--out", "does not exist")
+
+    ask = ("ask", adapters_file, "--vlm", vlm, "--dtype", "fp32", "--max-new-tokens", "2")
+    assert_bad_input(run(capsys, "ask", adapters_file, "Hi?", "--vlm", other_vlm), "another base model")
+    assert_bad_input(run(capsys, *ask, "Hi?"), "--adapter", "holds 2 adapters")
+    assert_bad_input(run(capsys, *ask, "Hi?", "--adapter", "2"), "--adapter", "out of range")
+    assert_bad_input(run(capsys, *ask, "Hi?", "Ho?", "Ha?", "--adapter", "0", "1"), "one index or one per question")
+    assert_bad_input(run(capsys, *ask, "look: <image>", "--adapter", "0"), "image tokens")
+    assert_bad_input(run(capsys, "ask", tmp_path / "none.safetensors", "Hi?", "--vlm", vlm), "adapters file not found")
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file")
+    assert_bad_input(run(capsys, "ask", garbage, "Hi?", "--vlm", vlm), "cannot read adapters")
+
+    assert_bad_input(run(capsys, "demo", "--backend", "nope"), "--backend", "invalid choice")
+    assert_bad_input(run(capsys, "demo", "--frames", "0"), "--frames", "positive integer")
+    assert_bad_input(run(capsys), "COMMAND")
+    if not torch.cuda.is_available():
+        assert_bad_input(run(capsys, "demo", "--backend", "cuda"), "--backend cuda", "cannot run here")
+        assert_bad_input(run(capsys, "demo", "--device", "cuda"), "--device", "no CUDA device")
+
+
+def test_module_entry_point_exits_2_without_traceback(tmp_path):
+    """``python -m v2l_fast`` as a process: bad input gives exit code 2 and one line on stderr."""
+    done = subprocess.run([sys.executable, "-m", "v2l_fast", "internalize", str(tmp_path / "gone.mp4"), "--vlm", "x",
+                           "--hypernet", "y"], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and done.stdout == ""
+    assert done.stderr.strip() == f"v2l-fast internalize: error: video file not found: {str(tmp_path / 'gone.mp4')!r}"
