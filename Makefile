@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.v2l-installed
 
-.PHONY: setup test lint bench clean
+.PHONY: setup test lint bench clean demo
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	python3 -m venv $(VENV)
@@ -25,6 +25,10 @@ lint: setup
 test: setup lint
 	$(PY) -c "import v2l_fast._C, v2l_fast; print('v2l_fast._C:', v2l_fast.build_info())"
 	$(PY) -m pytest tests -q
+
+# The main job on an embedded default (tiny random SmolVLM2, synthetic video; no downloads).
+demo: setup
+	$(PY) -m v2l_fast demo
 
 bench: setup
 	$(PY) -m pytest bench/ --benchmark
