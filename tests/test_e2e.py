@@ -3,19 +3,16 @@ and internalize → ask on the fixture's VLM from a video file written by the te
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
 import v2l_fast
 from v2l_fast.testing import assert_rel_close, tiny_smolvlm_tokenizer, write_test_video
 from v2l_fast.vlm import LoRAPatch, VideoBatch, down_proj_targets, extract_features, load_smolvlm
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-pytestmark = pytest.mark.skipif(not (FIXTURES / "frames2lora_tiny_ckpt.pt").is_file(),
-                                reason=f"fixtures not present under {FIXTURES}")
+pytestmark = needs_fixtures
 
 
 @pytest.fixture(scope="module")

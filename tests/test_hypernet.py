@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from golden import OFFICIAL_CKPT, golden_tensors
 
 from v2l_fast.hypernet import (
     Frames2LoRA,
@@ -19,13 +19,12 @@ from v2l_fast.hypernet.perceiver import PerceiverLayer
 from v2l_fast.ops import backends
 from v2l_fast.testing import assert_rel_close, rel_error, smolvlm_config
 
-FIXTURES = "/work/shared/fixtures"
 FIXTURE_TOL = 1e-5
 
 
 @pytest.fixture(scope="module")
 def fixture():
-    return load_file(f"{FIXTURES}/frames2lora_tiny.safetensors")
+    return golden_tensors()
 
 
 @pytest.fixture(scope="module", params=["state_dict", "official_pt"])
@@ -34,7 +33,7 @@ def hypernet(request, fixture):
     if request.param == "state_dict":
         source = {k.removeprefix("hypernet."): v for k, v in fixture.items() if k.startswith("hypernet.")}
     else:
-        source = f"{FIXTURES}/frames2lora_tiny_ckpt.pt"
+        source = OFFICIAL_CKPT
     return load_frames2lora(source)
 
 
@@ -121,7 +120,7 @@ def test_fixture_through_triton_backend(fixture, device, monkeypatch):
 
     monkeypatch.setitem(backends._implementations["perceiver_attention"], "triton", counting_kernel)
     monkeypatch.setenv("V2L_BACKEND", "triton")
-    model = load_frames2lora(f"{FIXTURES}/frames2lora_tiny_ckpt.pt", device=device)
+    model = load_frames2lora(OFFICIAL_CKPT, device=device)
     out = model.generate(fixture["in.features"].to(device), fixture["in.mask"].to(device),
                          autocast=False)
     assert len(calls) == model.config.num_blocks + 1  # every encoder layer and the decoder
@@ -265,7 +264,7 @@ def test_autocast_bf16_close_to_fp32():
 
 @pytest.mark.gpu
 def test_cuda_default_is_official_bf16_autocast(fixture):
-    model = load_frames2lora(f"{FIXTURES}/frames2lora_tiny_ckpt.pt", device="cuda")
+    model = load_frames2lora(OFFICIAL_CKPT, device="cuda")
     features, mask = fixture["in.features"].cuda(), fixture["in.mask"].cuda()
     with torch.no_grad():
         default = model.generate(features.bfloat16(), mask)

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from golden import OFFICIAL_CKPT, golden_tensors
+from safetensors.torch import save_file
 
 from v2l_fast.hypernet import (
     Frames2LoRA,
@@ -22,13 +23,10 @@ from v2l_fast.hypernet import (
 )
 from v2l_fast.testing import smolvlm_config
 
-FIXTURES = "/work/shared/fixtures"
-OFFICIAL_PT = f"{FIXTURES}/frames2lora_tiny_ckpt.pt"
-
 
 @pytest.fixture(scope="module")
 def state_dict():
-    tensors = load_file(f"{FIXTURES}/frames2lora_tiny.safetensors")
+    tensors = golden_tensors()
     return {k.removeprefix("hypernet."): v for k, v in tensors.items() if k.startswith("hypernet.")}
 
 
@@ -45,7 +43,7 @@ def small_model(seed: int = 0) -> Frames2LoRA:
 
 
 def test_official_pt_tensors_and_metadata(state_dict):
-    raw = read_official_checkpoint(OFFICIAL_PT)
+    raw = read_official_checkpoint(OFFICIAL_CKPT)
     tensors = {k: v for k, v in raw.items() if isinstance(v, torch.Tensor)}
     assert tensors.keys() == state_dict.keys()
     assert all(torch.equal(tensors[k], state_dict[k]) for k in state_dict)
@@ -57,7 +55,7 @@ def test_official_pt_tensors_and_metadata(state_dict):
     assert config.lora_config.target_modules == {"down_proj"}
     assert torch.equal(config.layer_indices, torch.arange(4))
     assert raw["ctx_encoder_args"].ctx_encoder_type == "per_layer_activations"
-    model = load_frames2lora(OFFICIAL_PT)
+    model = load_frames2lora(OFFICIAL_CKPT)
     assert model.config.base_model_name_or_path == "tiny-random-smolvlm"
     assert not model.training
 
@@ -118,7 +116,7 @@ def test_non_zip_and_missing_files_are_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^path_or_state_dict: "):
         load_frames2lora(3)
     truncated = tmp_path / "truncated.pt"
-    data = Path(OFFICIAL_PT).read_bytes()
+    data = Path(OFFICIAL_CKPT).read_bytes()
     truncated.write_bytes(data[:len(data) // 2] + data[-2000:])  # zip directory kept, data cut
     with pytest.raises(ValueError, match=r"^path: .*readable torch.save checkpoint"):
         load_frames2lora(truncated)
@@ -174,17 +172,17 @@ def test_checkpoint_for_another_base_model_or_rank_is_refused(expect, named):
     fields = dict(num_layers=4, hidden_size=64, intermediate_size=128, rank=4)
     fields.update(expect)
     with pytest.raises(ValueError, match=r"^checkpoint: does not fit .*" + named):
-        load_frames2lora(OFFICIAL_PT, expect=Frames2LoRAConfig(**fields))
+        load_frames2lora(OFFICIAL_CKPT, expect=Frames2LoRAConfig(**fields))
 
 
 def test_expect_accepts_vlm_configs():
-    assert load_frames2lora(OFFICIAL_PT, expect=smolvlm_config("tiny")).config.rank == 4
+    assert load_frames2lora(OFFICIAL_CKPT, expect=smolvlm_config("tiny")).config.rank == 4
     with pytest.raises(ValueError, match=r"intermediate_size \(I\) is 128 .* 96 expected"):
-        load_frames2lora(OFFICIAL_PT, expect=smolvlm_config("tiny", intermediate_size=96))
+        load_frames2lora(OFFICIAL_CKPT, expect=smolvlm_config("tiny", intermediate_size=96))
     with pytest.raises(ValueError, match=r"num_layers \(L\).*hidden_size \(H\)"):
-        load_frames2lora(OFFICIAL_PT, expect=smolvlm_config("2.2B"))
+        load_frames2lora(OFFICIAL_CKPT, expect=smolvlm_config("2.2B"))
     with pytest.raises(ValueError, match=r"^expect: "):
-        load_frames2lora(OFFICIAL_PT, expect="2.2B")
+        load_frames2lora(OFFICIAL_CKPT, expect="2.2B")
 
 
 def test_own_format_round_trip(tmp_path):

@@ -3,18 +3,14 @@
 from __future__ import annotations
 
 import threading
-from pathlib import Path
 
 import pytest
 import torch
+from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
 from v2l_fast.testing import assert_rel_close, random_smolvlm
 from v2l_fast.vlm import LoRAPatch, decoder_layers, down_proj_targets, is_patched
-
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixture = pytest.mark.skipif(not (FIXTURES / "frames2lora_tiny.safetensors").is_file(),
-                                   reason=f"fixtures not present under {FIXTURES}")
 
 
 def tiny_llama(seed: int = 0, layers: int = 3):
@@ -32,7 +28,7 @@ def random_adapters(n, L, R, I, O, seed=0, scale=0.05):
     return torch.randn(n, L, R, I, generator=g) * scale, torch.randn(n, L, R, O, generator=g) * scale
 
 
-@needs_fixture
+@needs_fixtures
 def test_fixture_down_proj_outputs():
     fx = load_file(FIXTURES / "frames2lora_tiny.safetensors")
     W, x = fx["lora.down_proj_weight"], fx["lora.x"]

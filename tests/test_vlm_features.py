@@ -2,22 +2,17 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 import pytest
 import torch
+from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
 from v2l_fast.testing import assert_rel_close, tiny_smolvlm_tokenizer, tiny_vlm
 from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-needs_fixture = pytest.mark.skipif(not (FIXTURES / "frames2lora_tiny_vlm").is_dir(),
-                                   reason=f"fixtures not present under {FIXTURES}")
 
-
-@needs_fixture
+@needs_fixtures
 def test_features_match_the_official_extraction():
     fx = load_file(FIXTURES / "frames2lora_tiny.safetensors")
     vlm = load_smolvlm(FIXTURES / "frames2lora_tiny_vlm", dtype=torch.float32, tokenizer=tiny_smolvlm_tokenizer())

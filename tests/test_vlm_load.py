@@ -3,21 +3,17 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import torch
+from golden import FIXTURES, TINY_VLM, needs_fixtures
 from safetensors.torch import load_file
 
 from v2l_fast.testing import random_smolvlm, tiny_smolvlm_tokenizer
 from v2l_fast.vlm import VLM, down_proj_targets, load_smolvlm
 
-FIXTURES = Path(__file__).resolve().parents[2] / "shared" / "fixtures"
-TINY_VLM = FIXTURES / "frames2lora_tiny_vlm"
-needs_fixture = pytest.mark.skipif(not TINY_VLM.is_dir(), reason=f"fixture {TINY_VLM} not present")
 
-
-@needs_fixture
+@needs_fixtures
 def test_peft_saved_fixture_loads_its_base_down_proj_weights():
     """The fixture stores down_proj as PEFT's base_layer: the loader puts it back in place."""
     vlm = load_smolvlm(TINY_VLM, dtype=torch.float32, tokenizer=tiny_smolvlm_tokenizer())
@@ -28,7 +24,7 @@ def test_peft_saved_fixture_loads_its_base_down_proj_weights():
     assert vlm.preprocessor.max_image_size == 32 and vlm.preprocessor.image_seq_len == 4
 
 
-@needs_fixture
+@needs_fixtures
 def test_directory_without_tokenizer_asks_for_one():
     with pytest.raises(ValueError, match="tokenizer="):
         load_smolvlm(TINY_VLM, dtype=torch.float32)
@@ -68,3 +64,9 @@ def test_tokenizer_of_another_model_is_refused():
     model.config.image_token_id = 151
     with pytest.raises(ValueError, match="image_token_id"):
         VLM(model, tiny_smolvlm_tokenizer(), None)
+
+
+@pytest.mark.parametrize("path", ["/nonexistent/model", "./no-such-model", "some/deep/missing/dir"])
+def test_missing_local_directory_is_a_clear_error(path):
+    with pytest.raises(ValueError, match="^name_or_path: expected a hub id"):
+        load_smolvlm(path)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 
 import torch
 
+from v2l_fast.errors import fail
 from v2l_fast.vlm.frames import IMAGE_TOKEN, VideoPreprocessor
 
 _PEFT_BASE = ".base_layer."
@@ -71,6 +72,7 @@ def load_smolvlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = 
     from transformers import AutoTokenizer, SmolVLMForConditionalGeneration
 
     source = os.fspath(name_or_path)
+    _check_source(source)
     model, info = SmolVLMForConditionalGeneration.from_pretrained(source, dtype=dtype, output_loading_info=True)
     _restore_peft_base_weights(model, info, source)
     model = model.to(device).eval()
@@ -84,6 +86,13 @@ def load_smolvlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = 
         preprocessor = VideoPreprocessor.for_model(model.config, _preprocessor_dict(source),
                                                    **preprocessor_overrides)
     return VLM(model, tokenizer, preprocessor)
+
+
+def _check_source(source: str) -> None:
+    """Refuse a local-looking path that does not exist before transformers reads it as a hub id."""
+    looks_local = source.startswith((".", "~")) or os.path.isabs(source) or source.count("/") > 1
+    if looks_local and not os.path.isdir(os.path.expanduser(source)):
+        fail("name_or_path", "a hub id (org/name) or an existing model directory", repr(source))
 
 
 def _preprocessor_dict(source: str) -> dict | None:
