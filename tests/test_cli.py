@@ -7,6 +7,7 @@ import re
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -16,6 +17,7 @@ from v2l_fast.cli import demo_session, main, write_synthetic_video
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.ops import available_backends
 from v2l_fast.testing import assert_rel_close, image_seq_len, random_smolvlm, tiny_smolvlm_tokenizer, write_test_video
+from v2l_fast.vlm import read_video
 
 QUESTIONS = ["What is shown?", "Is anyone moving at all?"]
 
@@ -98,6 +100,24 @@ def test_demo_backend_switch_gives_the_same_answers(capsys):
     assert answer.search(triton)[1] == answer.search(default)[1]
 
 
+def test_synthetic_video_shows_the_shapes_moving(tmp_path):
+    path = tmp_path / "shapes.mp4"
+    assert write_synthetic_video(path, seconds=3) == 12
+    video = read_video(path, max_frames=3)
+    assert video.frames.shape == (3, 96, 128, 3) and video.duration == 3.0
+
+    def centre(frame, colour_channel):
+        others = [c for c in range(3) if c != colour_channel]
+        mask = (frame[..., colour_channel] > 150) & (frame[..., others] < 120).all(-1)
+        rows, cols = np.nonzero(mask)
+        assert rows.size > 30
+        return rows.mean(), cols.mean()
+
+    first, last = video.frames[0], video.frames[-1]
+    assert centre(last, 0)[1] - centre(first, 0)[1] > 50  # the red square crosses to the right
+    assert centre(last, 1)[0] - centre(first, 1)[0] > 40  # the green disc falls
+
+
 def test_info_lists_versions_build_and_backends(capsys):
     code, out, _ = run(capsys, "info")
     assert code == 0
@@ -157,6 +177,7 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
                          other_hypernet, "--dtype", "fp32"), "num_layers")
     assert_bad_input(run(capsys, *internalize[:-2], "--out", tmp_path / "no-dir" / "a.safetensors",
                          saved["videos"][0]), "--out", "does not exist")
+    assert_bad_input(run(capsys, *internalize[:-2], "--out", tmp_path, saved["videos"][0]), "--out", "directory")
 
     ask = ("ask", adapters_file, "--vlm", vlm, "--dtype", "fp32", "--max-new-tokens", "2")
     assert_bad_input(run(capsys, "ask", adapters_file, "Hi?", "--vlm", other_vlm), "another base model")
@@ -171,6 +192,7 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
 
     assert_bad_input(run(capsys, "demo", "--backend", "nope"), "--backend", "invalid choice")
     assert_bad_input(run(capsys, "demo", "--frames", "0"), "--frames", "positive integer")
+    assert_bad_input(run(capsys, "demo", "--device", "toaster"), "--device", "toaster")
     assert_bad_input(run(capsys), "COMMAND")
     if not torch.cuda.is_available():
         assert_bad_input(run(capsys, "demo", "--backend", "cuda"), "--backend cuda", "cannot run here")

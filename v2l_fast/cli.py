@@ -249,7 +249,7 @@ def _check_files(paths: Sequence[str], what: str) -> None:
 
 def _check_vlm_source(source: str) -> None:
     """A source that is written as a path must exist (otherwise it is tried as a hub id)."""
-    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith((".", "~"))):
+    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(".")):
         raise ValueError(f"--vlm: no such directory: {source!r}")
 
 
@@ -395,8 +395,12 @@ def run_internalize(args, device: torch.device) -> int:
     if not os.path.exists(args.hypernet):
         raise ValueError(f"--hypernet: no such file or directory: {args.hypernet!r}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
+    if os.path.isdir(args.out):
+        raise ValueError(f"--out: expected a file path, got the directory {args.out!r}")
     if not os.path.isdir(out_dir):
         raise ValueError(f"--out: the directory {out_dir!r} does not exist")
+    if not os.access(out_dir, os.W_OK):
+        raise ValueError(f"--out: the directory {out_dir!r} is not writable")
     stage = _Stages(device)
     overrides = {"max_frames": args.max_frames} if args.max_frames else {}
     with stage("load"):
