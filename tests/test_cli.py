@@ -169,7 +169,7 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     assert_bad_input(run(capsys, *internalize, corrupt), "corrupt.mp4")
     assert_bad_input(run(capsys, "internalize", saved["videos"][0], "--vlm", tmp_path / "nowhere",
-                         "--hypernet", hypernet), "--vlm", "nowhere")
+                         "--hypernet", hypernet), "name_or_path", "nowhere")
     other = random_smolvlm("tiny", seed=6, num_hidden_layers=2)
     other_hypernet = save_frames2lora(demo_session(6, torch.device("cpu"), 3).hypernet, tmp_path / "hn-other")
     other_vlm = save_model(other, tmp_path / "other-vlm")

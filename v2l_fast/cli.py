@@ -247,19 +247,6 @@ def _check_files(paths: Sequence[str], what: str) -> None:
             raise ValueError(f"{what} not found: {path!r}")
 
 
-def _check_vlm_source(source: str) -> None:
-    """A source that is written as a path must exist (otherwise it is tried as a hub id)."""
-    if not os.path.exists(source) and (os.path.isabs(source) or source.startswith(".")):
-        raise ValueError(f"--vlm: no such directory: {source!r}")
-
-
-def _load_vlm(args, device: torch.device, **preprocessor_overrides):
-    from v2l_fast.vlm import load_smolvlm
-
-    _check_vlm_source(args.vlm)
-    return load_smolvlm(args.vlm, dtype=DTYPES[args.dtype], device=device, **preprocessor_overrides)
-
-
 def _shape(t: torch.Tensor) -> str:
     return "[" + ", ".join(map(str, t.shape)) + "]"
 
@@ -391,7 +378,6 @@ def _row(label: str, text: str) -> None:
 def run_internalize(args, device: torch.device) -> int:
     """``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order)."""
     _check_files(args.videos, "video file")
-    _check_vlm_source(args.vlm)
     if not os.path.exists(args.hypernet):
         raise ValueError(f"--hypernet: no such file or directory: {args.hypernet!r}")
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -436,11 +422,12 @@ def run_ask(args, device: torch.device) -> int:
     """``v2l-fast ask``: answer each question with its video's adapter; no visual tokens."""
     from v2l_fast.adapters import Adapters
     from v2l_fast.api import ask
+    from v2l_fast.vlm import load_smolvlm
 
     _check_files([args.adapters], "adapters file")
     stage = _Stages(device)
     with stage("load"):
-        vlm = _load_vlm(args, device)
+        vlm = load_smolvlm(args.vlm, dtype=DTYPES[args.dtype], device=device)
         adapters = Adapters.load(args.adapters, model=vlm.model, device=device)
     indices = _adapter_indices(args.adapter, len(adapters), len(args.questions))
     with stage("ask"):
