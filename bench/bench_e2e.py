@@ -183,8 +183,8 @@ def random_decoder(name: str):
     size, overrides = SERVING_MODELS[name]
     torch.manual_seed(0)
     with torch.device(DEVICE):
-        model = AutoModelForCausalLM.from_config(smolvlm_config(size, **overrides).text_config)
-    return model.to(DTYPE).eval()
+        model = AutoModelForCausalLM.from_config(smolvlm_config(size, **overrides).text_config, dtype=DTYPE)
+    return model.eval()
 
 
 def random_adapters(model, batch: int):
@@ -255,7 +255,7 @@ def test_serve(benchmark, bench_record, name, batch, provider):
     record = derived_record(bench_record, lambda median: {"tokens_per_s": new_tokens / median})
     try:
         harness.measure(benchmark, record, torch.no_grad()(functools.partial(runner.generate, **kwargs)),
-                        rounds=5 if ON_GPU else 2, op="serve", model=name, layers=text.num_hidden_layers,
+                        rounds=5, op="serve", model=name, layers=text.num_hidden_layers,
                         H=text.hidden_size, I=text.intermediate_size, batch=batch, prompt_tokens=PROMPT_TOKENS,
                         new_tokens=NEW_TOKENS, adapters=0 if provider == "base" else batch,
                         adapter_rank=ADAPTER_RANK, provider=provider, dtype=str(DTYPE))
