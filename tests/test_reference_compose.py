@@ -82,3 +82,19 @@ def test_weights_as_tensor():
 def test_bad_input_names_the_argument(kwargs, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
         compose_adapters(**kwargs)
+
+
+def test_gradients_match_finite_differences():
+    As, Bs = random_segments(2, [3, 2], 6, 5, lead=(2,), seed=11)
+    bias = (torch.randn(2, 2, 6, dtype=torch.float64), torch.randn(2, 2, 5, dtype=torch.float64))
+    leaves = [t.requires_grad_() for t in (*As, *Bs, *bias)]
+
+    def concat(a0, a1, b0, b1, ab, bb):
+        return compose_adapters([a0, a1], [b0, b1], weights=[0.5, -1.5], bias=(ab, bb))
+
+    def recompressed_delta(a0, a1, b0, b1, ab, bb):
+        A_k, B_k = compose_adapters([a0, a1], [b0, b1], weights=[0.5, -1.5], bias=(ab, bb), max_rank=3)
+        return B_k.mT @ A_k  # the factors' signs are arbitrary; the rank-3 ΔW is not
+
+    assert torch.autograd.gradcheck(concat, leaves)
+    assert torch.autograd.gradcheck(recompressed_delta, leaves)
