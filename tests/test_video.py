@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from v2l_fast.testing import write_test_video
-from v2l_fast.vlm.video import Video, VideoError, read_video, sample_frame_indices
+from v2l_fast.vlm.video import Video, VideoError, read_video, sample_frame_indices, write_video
 
 
 @pytest.mark.parametrize(
@@ -101,3 +101,14 @@ def test_video_from_frames_rejects_bad_frames():
         Video.from_frames([np.zeros((4, 4, 3), np.uint8), "frame.png"])
     with pytest.raises(ValueError, match="fps"):
         Video.from_frames(np.zeros((1, 4, 4, 3), np.uint8), fps=0)
+
+
+def test_write_video_round_trip_and_bad_frames(tmp_path):
+    frames = np.zeros((5, 32, 48, 3), dtype=np.uint8)
+    frames[:, :, :24] = 200
+    write_video(tmp_path / "clip.mp4", frames, fps=5)
+    video = read_video(tmp_path / "clip.mp4", max_frames=12, target_fps=5.0)
+    assert video.frames.shape == (5, 32, 48, 3) and video.duration == pytest.approx(1.0)
+    assert abs(video.frames[2, 16, 5, 0].astype(int) - 200) < 20 and video.frames[2, 16, 40, 0] < 20
+    with pytest.raises(ValueError, match="^frames: expected"):
+        write_video(tmp_path / "bad.mp4", frames.astype(np.float32), fps=5)

@@ -258,26 +258,20 @@ def write_synthetic_video(path: str | os.PathLike, seconds: int, *, fps: int = 4
                           size: tuple[int, int] = (96, 128)) -> int:
     """Encode ``seconds`` s of moving coloured shapes (a red square crossing left to right, a
     green disc falling) at ``fps`` with PyAV (mpeg4, yuv420p); return the frames written."""
-    import av
+    from v2l_fast.vlm.video import write_video
 
     height, width = size
     rows, cols = np.mgrid[:height, :width]
     total = seconds * fps
-    with av.open(os.fspath(path), "w") as container:
-        stream = container.add_stream("mpeg4", rate=fps)
-        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
-        for t in range(total):
-            progress = t / max(total - 1, 1)
-            frame = np.empty((height, width, 3), dtype=np.uint8)
-            frame[:] = (30, 30, 70)
-            left = int(progress * (width - 24))
-            frame[16:40, left:left + 24] = (230, 40, 40)
-            centre = (10 + progress * (height - 20), width - 28)
-            frame[(rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= 81] = (40, 220, 60)
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    frames = np.empty((total, height, width, 3), dtype=np.uint8)
+    frames[:] = (30, 30, 70)
+    for t, frame in enumerate(frames):
+        progress = t / max(total - 1, 1)
+        left = int(progress * (width - 24))
+        frame[16:40, left:left + 24] = (230, 40, 40)
+        centre = (10 + progress * (height - 20), width - 28)
+        frame[(rows - centre[0]) ** 2 + (cols - centre[1]) ** 2 <= 81] = (40, 220, 60)
+    write_video(path, frames, fps=fps)
     return total
 
 

@@ -148,17 +148,10 @@ def write_test_video(path, num_frames: int = 6, fps: int = 4, size: tuple[int, i
                      codec: str = "mpeg4", seed: int = 0):
     """Encode ``num_frames`` random RGB frames (H, W = ``size``) at ``fps`` into ``path`` with
     PyAV (yuv420p); return the frames ``[F, H, W, 3]`` uint8 that went in."""
-    import av
     import numpy as np
 
+    from v2l_fast.vlm.video import write_video
+
     frames = np.random.default_rng(seed).integers(0, 256, (num_frames, *size, 3), dtype=np.uint8)
-    with av.open(str(path), "w") as container:
-        stream = container.add_stream(codec, rate=fps)
-        stream.height, stream.width = size
-        stream.pix_fmt = "yuv420p"
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
+    write_video(path, frames, fps=fps, codec=codec)
     return frames

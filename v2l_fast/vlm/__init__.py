@@ -10,7 +10,7 @@ from v2l_fast.vlm.features import extract_features
 from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, VideoBatch, VideoPreprocessor, build_video_batch
 from v2l_fast.vlm.load import VLM, load_smolvlm
 from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers, down_proj_targets, is_patched
-from v2l_fast.vlm.video import Video, VideoError, read_video, sample_frame_indices
+from v2l_fast.vlm.video import Video, VideoError, read_video, sample_frame_indices, write_video
 
 __all__ = [
     "DEFAULT_INSTRUCTION",
@@ -28,4 +28,5 @@ __all__ = [
     "load_smolvlm",
     "read_video",
     "sample_frame_indices",
+    "write_video",
 ]

@@ -159,3 +159,20 @@ def _decode(path: str, keep: set[int] | None) -> tuple[int, list[np.ndarray]]:
             raise VideoError(f"cannot decode video {path!r}: {err}") from err
         # A damaged tail: keep the frames decoded so far, as players do.
     return count, frames
+
+
+def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int, codec: str = "mpeg4") -> None:
+    """Encode uint8 RGB frames ``[F, H, W, 3]`` into ``path`` with PyAV (yuv420p, ``fps``)."""
+    import av
+
+    frames = np.asarray(frames)
+    if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
+        raise ValueError(f"frames: expected a non-empty uint8 array [F, H, W, 3], got {frames.dtype} "
+                         f"array of shape {list(frames.shape)}")
+    with av.open(os.fspath(path), "w") as container:
+        stream = container.add_stream(codec, rate=fps)
+        stream.height, stream.width = frames.shape[1:3]
+        stream.pix_fmt = "yuv420p"
+        for frame in frames:
+            container.mux(stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")))
+        container.mux(stream.encode())
