@@ -170,6 +170,29 @@ def test_batch_equals_one_by_one():
         assert_rel_close(single.B[0], batch.B[b], tol=1e-6)
 
 
+def test_projection_in_chunks_without_grad_equals_one_pass(monkeypatch):
+    from v2l_fast.hypernet import perceiver
+
+    model = perturbed(Frames2LoRA(tiny_config()))
+    features = torch.randn(2, 3, 11, 48)
+    project = model.aggregator["perceiver"].project
+    with torch.no_grad():
+        whole, expected = project(features), model.generate(features)
+    calls = []
+    model.aggregator["perceiver"].modality_projection.register_forward_hook(
+        lambda module, args, out: calls.append(args[0].numel() // args[0].shape[-1]))
+    monkeypatch.setattr(perceiver, "PROJECTION_CHUNK_ROWS", 16)
+    with torch.no_grad():
+        assert_rel_close(project(features), whole, tol=1e-6)
+        assert calls == [16, 16, 16, 16, 2]  # 66 rows
+        adapters = model.generate(features)
+    assert_rel_close(adapters.A, expected.A, tol=1e-6)
+    assert_rel_close(adapters.B, expected.B, tol=1e-6)
+    calls.clear()
+    project(features)  # autograd on: one pass, so gradients flow as before
+    assert calls == [2 * 3 * 11]
+
+
 def test_fresh_model_initialisation():
     torch.manual_seed(0)
     cfg = tiny_config(latent_size=64, num_latent_queries=32, intermediate_size=256, rank=8)

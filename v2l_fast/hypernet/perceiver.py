@@ -15,6 +15,9 @@ from v2l_fast import ops
 from v2l_fast.hypernet.config import Frames2LoRAConfig
 from v2l_fast.reference.perceiver import rms_norm
 
+# Rows of the modality projection per chunk when no gradient is needed (see `Perceiver.project`).
+PROJECTION_CHUNK_ROWS = 1 << 15
+
 
 class RMSNorm(nn.Module):
     """Idefics2 RMSNorm: fp32 statistics, cast back, times a gain initialised to 1 (§3.3)."""
@@ -127,11 +130,32 @@ class Perceiver(nn.Module):
         self.encoder = PerceiverResampler(config, config.num_latent_queries, block * config.num_blocks)
         self.decoder = PerceiverResampler(config, config.rank, [True])
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """The modality projection ``[..., H] → [..., D]``.
+
+        Without autograd it runs in chunks of `PROJECTION_CHUNK_ROWS` rows: the SwiGLU's
+        ``[rows, 4H]`` intermediates would otherwise dwarf everything else (33 GB each in bf16
+        for the 2.2B model at 1024 frames), while a chunk's are 1 GB at most; same FLOPs.
+        """
+        proj = self.modality_projection
+        rows = features.reshape(-1, features.shape[-1])
+        needs_grad = torch.is_grad_enabled() and (
+            features.requires_grad or any(p.requires_grad for p in proj.parameters()))
+        if needs_grad or rows.shape[0] <= PROJECTION_CHUNK_ROWS:
+            return proj(features)
+        out = None
+        for start in range(0, rows.shape[0], PROJECTION_CHUNK_ROWS):
+            part = proj(rows[start:start + PROJECTION_CHUNK_ROWS])
+            if out is None:
+                out = part.new_empty(rows.shape[0], part.shape[-1])
+            out[start:start + part.shape[0]] = part
+        return out.view(*features.shape[:-1], out.shape[-1])
+
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """``features [B, L, S, H]``, ``mask [B, S]`` (1 = keep) → latents ``[B, L, r, D]``."""
         B, L, S, _ = features.shape
         # Project before folding: the fold then copies D-wide rows instead of H-wide ones.
-        context = self.modality_projection(features)
+        context = self.project(features)
         context = context.transpose(0, 1).reshape(L * B, S, context.shape[-1])
         encoded = self.encoder(context, mask)
         decoded = self.decoder(encoded, None)
