@@ -181,12 +181,30 @@ def dot_config(dtype: torch.dtype) -> tuple:
     return tl.float32, "ieee"
 
 
-def _tiles(N: int, R: int, S: int, D: int, device: torch.device, num_splits: int | None):
-    """Block sizes, key tiles per split and the number of splits for one launch."""
+# CUDA tiles, chosen from ptxas's register/spill report for sm_80 and sm_90 (compile-time numbers
+# in bench/NOTES.md "compile check"; no GPU timing behind them). Whole-D rows of the query, dout
+# and context tiles sit in registers, so the tiles shrink as D grows; from D = 256 on nothing
+# tried is spill-free and 16 × 16 with 8 warps spills least, for fp32 and half inputs alike.
+# num_stages 1, 2 or 3 gave the same report, so the default is kept.
+def _cuda_tiles(block_d: int, backward: bool) -> tuple[int, int, int]:
+    """``(BLOCK_R, BLOCK_S, num_warps)`` of the forward or backward kernel on a GPU."""
+    if block_d <= 64:
+        return 32, 32, 8 if backward else 4
+    if block_d <= 128 and not backward:
+        return 32, 32, 8
+    return 16, 16, 8
+
+
+def _tiles(N: int, R: int, S: int, D: int, device: torch.device, num_splits: int | None,
+           backward: bool):
+    """Block sizes, key tiles per split, number of splits and launch options for one launch."""
     block_d = max(16, triton.next_power_of_2(D))
-    block_s = 64 if D <= 256 else 32
-    # Under the interpreter bigger query tiles only cost numpy time, on a GPU they cost registers.
-    r_cap = 32 if device.type == "cuda" else 128
+    if device.type == "cuda":
+        r_cap, block_s, num_warps = _cuda_tiles(block_d, backward)
+        # Without a cap ptxas sometimes settles on 32 registers and spills tens of KB instead.
+        options = {"num_warps": num_warps, "maxnreg": 255}
+    else:  # Under the interpreter bigger tiles only cost numpy time.
+        r_cap, block_s, options = 128, (64 if D <= 256 else 32), {}
     block_r = max(16, min(r_cap, triton.next_power_of_2(R)))
     num_tiles = triton.cdiv(S, block_s)
     if num_splits is None:
@@ -196,7 +214,8 @@ def _tiles(N: int, R: int, S: int, D: int, device: torch.device, num_splits: int
             if device.type == "cuda" else 4
         num_splits = triton.cdiv(programs, N * triton.cdiv(R, block_r))
     tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_splits, num_tiles)))
-    return block_r, block_s, block_d, tiles_per_split, triton.cdiv(num_tiles, tiles_per_split)
+    return (block_r, block_s, block_d, tiles_per_split, triton.cdiv(num_tiles, tiles_per_split),
+            options)
 
 
 def _mask_args(context, keep):
@@ -213,7 +232,8 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     """
     N, R, D = queries.shape
     S = context.shape[1]
-    block_r, block_s, block_d, tiles_per_split, splits = _tiles(N, R, S, D, context.device, num_splits)
+    block_r, block_s, block_d, tiles_per_split, splits, options = _tiles(
+        N, R, S, D, context.device, num_splits, backward=False)
     acc = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
     run_max = torch.empty(N, splits, R, device=context.device, dtype=torch.float32)
     run_sum = torch.empty_like(run_max)
@@ -224,7 +244,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
         queries, context, keep_ptr, acc, run_max, run_sum,
         S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
         HAS_MASK=keep is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8 if D > 256 else 4)
+        DOT_DTYPE=dot_dtype, PRECISION=precision, **options)
     # Log-sum-exp merge of the key splits (flash-decoding's second phase; [N, splits, R] sized).
     top = run_max.amax(1, keepdim=True)
     weight = torch.exp(run_max - top)
@@ -239,7 +259,8 @@ def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, co
     """Gradients of `context_attention_forward` for ``queries`` and (if asked) ``context``."""
     N, R, D = queries.shape
     S = context.shape[1]
-    block_r, block_s, block_d, tiles_per_split, splits = _tiles(N, R, S, D, context.device, num_splits)
+    block_r, block_s, block_d, tiles_per_split, splits, options = _tiles(
+        N, R, S, D, context.device, num_splits, backward=True)
     du = du.contiguous()
     delta = ((du * u).sum(-1) - dlse).contiguous()
     dqueries = torch.empty(N, splits, R, D, device=context.device, dtype=torch.float32)
@@ -251,8 +272,7 @@ def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, co
         queries, du, lse, delta, context, keep_ptr, dqueries, dctx,
         S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
         HAS_MASK=keep is not None, CONTEXT_GRAD=context_grad, BLOCK_R=block_r, BLOCK_S=block_s,
-        BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision,
-        num_warps=8 if D > 256 else 4)
+        BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision, **options)
     return dqueries.sum(1), (dctx.to(context.dtype) if context_grad else None)
 
 

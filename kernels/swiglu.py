@@ -50,6 +50,16 @@ def _gate_up_silu_kernel(
              mask=(offs_t[:, None] < T) & (offs_f[None, :] < F))
 
 
+def _cuda_tiles(dtype: torch.dtype) -> tuple[int, int, int, int]:
+    """``(BLOCK_T, BLOCK_F, BLOCK_K, num_warps)`` on a GPU, 3 stages.
+
+    Picked from ptxas's register/spill report, not from timings (bench/NOTES.md "compile
+    check"): both are spill-free for sm_80 and sm_90. fp32 runs the exact (FMA) dot, whose two
+    accumulators do not fit a 128 × 128 tile in registers.
+    """
+    return (128, 128, 32, 8) if dtype in (torch.float16, torch.bfloat16) else (64, 64, 32, 8)
+
+
 def gate_up_silu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor) -> torch.Tensor:
     """``silu(x gate_weightᵀ) ⊙ (x up_weightᵀ)`` for a 2-D ``x [T, H]``, one fused launch."""
     T, H = x.shape
@@ -58,13 +68,13 @@ def gate_up_silu(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Te
     if T == 0 or F_ == 0:
         return h
     on_gpu = x.device.type == "cuda"
-    block_t, block_f, block_k = (128, 128, 64) if on_gpu else (32, 64, 32)
+    block_t, block_f, block_k, num_warps = _cuda_tiles(x.dtype) if on_gpu else (32, 64, 32, 4)
     dot_dtype, precision = dot_config(x.dtype)
     grid = (triton.cdiv(T, block_t), triton.cdiv(F_, block_f))
     _gate_up_silu_kernel[grid](
         x, gate_weight, up_weight, h, T, F_, H, *x.stride(), *gate_weight.stride(),
         *up_weight.stride(), h.stride(0), BLOCK_T=block_t, BLOCK_F=block_f, BLOCK_K=block_k,
-        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=8 if on_gpu else 4,
+        DOT_DTYPE=dot_dtype, PRECISION=precision, num_warps=num_warps,
         num_stages=3 if on_gpu else 1)
     return h
 
