@@ -160,8 +160,11 @@ def _cases(matrix):
                               lambda d=dtype: _lora_case(d, torch.float32, decode=True)))
             cases.append((f"perceiver unmasked no-ctx-grad {name}",
                           lambda d=dtype: _perceiver_case(d, masked=False, context_grad=False)))
-            cases.append((f"perceiver D=64 {name}",
-                          lambda d=dtype: _perceiver_case(d, masked=True, context_grad=True, D=64)))
+            # Each tile branch of the perceiver's `_cuda_tiles`: D = 64, 128, 512 (above) and the
+            # largest D in the GPU dtype only (its fp32 backward alone takes ~20 s to compile).
+            for D in (64, 128) + ((2048,) if dtype == torch.bfloat16 else ()):
+                cases.append((f"perceiver D={D} {name}",
+                              lambda d=dtype, D=D: _perceiver_case(d, masked=True, context_grad=True, D=D)))
     return cases
 
 
