@@ -18,14 +18,12 @@ multiply in full fp32 (``input_precision="ieee"``, not tf32).
 
 from __future__ import annotations
 
-import functools
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from v2l_fast.errors import fail
+from v2l_fast.kernels._device import interpreting, num_sms
 from v2l_fast.kernels.lora_sgmv_meta import LoraSgmvMetadata, resolve_metadata
 from v2l_fast.reference.lora import check_lora_sgmv_args
 
@@ -150,30 +148,19 @@ def _sgmv_weight_grad_kernel(
              (acc * scaling).to(out_ptr.dtype.element_ty), mask=(offs_r < R)[:, None] & k_mask[None, :])
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
-@functools.lru_cache(maxsize=8)
-def _num_sms(device: torch.device) -> int:
-    # The interpreter runs programs one after another: pretend to a small GPU so that split-K
-    # still happens (and is tested) on decode-like inputs without multiplying the programs.
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 4
-
-
 def _rank_block(R: int) -> int:
     return max(16, min(64, triton.next_power_of_2(max(R, 1))))
 
 
 def _k_block() -> int:
     # Wide tiles cut the interpreter's Python overhead; 64 keeps GPU registers in check.
-    return 256 if _interpreting() else 64
+    return 256 if interpreting() else 64
 
 
 def _split_k(num_programs: int, K: int, block_k: int, device: torch.device) -> int:
     """Enough K-splits that the shrink launches ~4 programs per SM, each with ≥ 4 K-tiles."""
     k_tiles = triton.cdiv(K, block_k)
-    return max(1, min(4 * _num_sms(device) // max(num_programs, 1), k_tiles // 4))
+    return max(1, min(4 * num_sms(device) // max(num_programs, 1), k_tiles // 4))
 
 
 def sgmv_shrink(x: torch.Tensor, w: torch.Tensor, meta: LoraSgmvMetadata, ranks: torch.Tensor | None,
@@ -213,7 +200,7 @@ def sgmv_expand(s: torch.Tensor, w: torch.Tensor, meta: LoraSgmvMetadata, ranks:
     out = torch.empty(T, N, dtype=out_dtype, device=s.device)
     if meta.num_work == 0 or N == 0:
         return out
-    block_n = 256 if _interpreting() else 64
+    block_n = 256 if interpreting() else 64
     b = base if base is not None else out
     _sgmv_expand_kernel[(meta.num_work, triton.cdiv(N, block_n))](
         s, w, b, out, ranks if ranks is not None else s, meta.sorted_tokens, meta.work_group,
@@ -232,7 +219,7 @@ def sgmv_weight_grad(left: torch.Tensor, right: torch.Tensor, meta: LoraSgmvMeta
     out = torch.empty(n, R, K, dtype=out_dtype, device=right.device)
     if out.numel() == 0:
         return out
-    block_r, block_k = _rank_block(R), (256 if _interpreting() else 64)
+    block_r, block_k = _rank_block(R), (256 if interpreting() else 64)
     _sgmv_weight_grad_kernel[(n, triton.cdiv(K, block_k), triton.cdiv(R, block_r))](
         left, right, out, ranks if ranks is not None else out, meta.sorted_tokens, meta.group_start,
         meta.group_count, n, R, K, float(scaling),
@@ -300,7 +287,7 @@ def lora_sgmv(
     """
     check_lora_sgmv_args(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, base=base,
                          check_values=check)
-    if x.device.type == "cpu" and not _interpreting():
+    if x.device.type == "cpu" and not interpreting():
         fail("x", "CUDA tensors for the triton backend (or TRITON_INTERPRET=1)", x.device)
     for name, t in (("x", x), ("A", A), ("B", B), ("base", base)):
         if t is not None and t.dtype == torch.float64:

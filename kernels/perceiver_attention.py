@@ -52,6 +52,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from v2l_fast.kernels._device import num_sms
 from v2l_fast.reference.perceiver import check_perceiver_attention_args, rms_norm
 
 # A finite "minus infinity" for running maxima and empty splits: exp(-inf - -inf) would be NaN.
@@ -210,8 +211,7 @@ def _tiles(N: int, R: int, S: int, D: int, device: torch.device, num_splits: int
     if num_splits is None:
         # Split keys only as far as needed to give every SM two programs (on the CPU: a few, so
         # the interpreter also runs the merge); the partials then stay O(programs · BLOCK_R · D).
-        programs = 2 * torch.cuda.get_device_properties(device).multi_processor_count \
-            if device.type == "cuda" else 4
+        programs = 2 * num_sms(device)
         num_splits = triton.cdiv(programs, N * triton.cdiv(R, block_r))
     tiles_per_split = triton.cdiv(num_tiles, max(1, min(num_splits, num_tiles)))
     return (block_r, block_s, block_d, tiles_per_split, triton.cdiv(num_tiles, tiles_per_split),

@@ -24,6 +24,7 @@ from collections.abc import Callable
 import torch
 
 from v2l_fast._ext import load_extension
+from v2l_fast.kernels._device import interpreting
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 ENV_VAR = "V2L_BACKEND"
@@ -52,10 +53,6 @@ def _triton_importable() -> bool:
     return True
 
 
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
-
-
 def runtime_missing(backend: str, device: torch.device | None = None) -> str | None:
     """Why ``backend`` cannot run (on ``device`` if given), or None when it can."""
     if backend == "torch":
@@ -64,7 +61,7 @@ def runtime_missing(backend: str, device: torch.device | None = None) -> str | N
         if not _triton_importable():
             return "the triton package is not installed"
         on_cpu = device.type == "cpu" if device is not None else not torch.cuda.is_available()
-        if on_cpu and not _interpreting():
+        if on_cpu and not interpreting():
             return "triton needs CUDA tensors, or TRITON_INTERPRET=1 to interpret kernels on the CPU"
         if device is not None and device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device.type} tensors"
