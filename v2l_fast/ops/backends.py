@@ -98,12 +98,17 @@ def _load(op: str, backend: str) -> Callable:
     return impl
 
 
-def resolve(op: str, backend: str, device: torch.device) -> Callable:
+def resolve(op: str, backend: str, device: torch.device | torch.Tensor | object) -> Callable:
     """The implementation of ``op`` for ``backend`` and inputs on ``device``.
+
+    ``device`` may also be the op's first input: its device is used (the CPU for a non-tensor,
+    which the implementation's own argument check then rejects with a clear message).
 
     Raises ValueError for an unknown backend name and RuntimeError naming what is missing
     when the requested backend cannot run.
     """
+    if not isinstance(device, torch.device):
+        device = device.device if isinstance(device, torch.Tensor) else torch.device("cpu")
     impls = _implementations[op]
     if backend == "auto":
         env = os.environ.get(ENV_VAR, "").strip()

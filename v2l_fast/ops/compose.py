@@ -26,6 +26,5 @@ def compose_adapters(
 
     ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch".
     """
-    first = As[0] if isinstance(As, Sequence) and As and isinstance(As[0], torch.Tensor) else None
-    impl = resolve("compose_adapters", backend, first.device if first is not None else torch.device("cpu"))
+    impl = resolve("compose_adapters", backend, As[0] if isinstance(As, Sequence) and As else None)
     return impl(As, Bs, weights=weights, bias=bias, max_rank=max_rank)

@@ -33,8 +33,7 @@ def perceiver_attention(
 
     ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch", "triton".
     """
-    device = latents.device if isinstance(latents, torch.Tensor) else torch.device("cpu")
-    impl = resolve("perceiver_attention", backend, device)
+    impl = resolve("perceiver_attention", backend, latents)
     return impl(latents, context, context_mask, q_weight=q_weight, k_weight=k_weight,
                 v_weight=v_weight, o_weight=o_weight, latents_norm_weight=latents_norm_weight,
                 context_norm_weight=context_norm_weight, num_heads=num_heads,

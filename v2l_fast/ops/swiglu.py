@@ -18,5 +18,5 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
 
     ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch", "triton".
     """
-    impl = resolve("swiglu_mlp", backend, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+    impl = resolve("swiglu_mlp", backend, x)
     return impl(x, gate_weight, up_weight, down_weight)
