@@ -80,3 +80,12 @@ def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
 def test_register_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
         backends.register("lora_sgmv", "metal", reference.lora_sgmv)
+
+
+@pytest.mark.parametrize("backend", ["auto", *ops.available_backends("lora_sgmv")])
+def test_a_non_tensor_input_is_named_by_every_backend(backend):
+    x, A, B, indptr, adapters = _sgmv_args()
+    with pytest.raises(ValueError, match="^x: expected a torch.Tensor"):
+        ops.lora_sgmv(x.tolist(), A, B, indptr, adapters, backend=backend)
+    with pytest.raises(ValueError, match="^A: expected a torch.Tensor"):
+        ops.lora_sgmv(x.requires_grad_(), A.tolist(), B, indptr, adapters, backend=backend)

@@ -41,11 +41,11 @@ def _lora_sgmv_cpp(x, A, B, seg_indptr, seg_adapter, *, ranks=None, layer=None, 
                    check=True, metadata=None):
     """C++ CPU forward (`v2l_fast._C.lora_sgmv_cpu`, fp32 accumulation); the reference when a
     gradient is needed or an input is fp64 (whose contract is fp64 accumulation)."""
-    if _needs_grad(x, A, B, base) or any(t is not None and t.dtype == torch.float64 for t in (x, A, B, base)):
-        return reference.lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, scaling=scaling,
-                                   base=base, check=check)
     reference.check_lora_sgmv_args(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, base=base,
                                    check_values=check)
+    if _needs_grad(x, A, B, base) or any(t is not None and t.dtype == torch.float64 for t in (x, A, B, base)):
+        return reference.lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, scaling=scaling,
+                                   base=base, check=False)
     if layer is not None:
         A, B = A[:, layer], B[:, layer]
     return require_extension().lora_sgmv_cpu(x, A, B, seg_indptr, seg_adapter, ranks, float(scaling), base)
@@ -54,13 +54,13 @@ def _lora_sgmv_cpp(x, A, B, seg_indptr, seg_adapter, *, ranks=None, layer=None, 
 def _lora_sgmv_cuda(x, A, B, seg_indptr, seg_adapter, *, ranks=None, layer=None, scaling=1.0, base=None,
                     check=True, metadata=None):
     """CUDA decode kernel (`v2l_fast._C.lora_sgmv_cuda`); with a gradient needed, triton's autograd."""
+    reference.check_lora_sgmv_args(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, base=base,
+                                   check_values=check)
     if _needs_grad(x, A, B, base):
         from v2l_fast.kernels.lora_sgmv import lora_sgmv as triton_lora_sgmv
 
         return triton_lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, scaling=scaling,
-                                base=base, check=check, metadata=metadata)
-    reference.check_lora_sgmv_args(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, base=base,
-                                   check_values=check)
+                                base=base, check=False, metadata=metadata)
     meta = resolve_metadata(metadata, seg_indptr, seg_adapter, x.shape[0], A.shape[0])
     if layer is not None:
         A, B = A[:, layer], B[:, layer]
@@ -97,6 +97,6 @@ def lora_sgmv(
     ``metadata``: the batch's `lora_sgmv_metadata`, reused by every layer (optional).
     ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch", "triton", "cuda", "cpp".
     """
-    impl = resolve("lora_sgmv", backend, x.device if isinstance(x, torch.Tensor) else torch.device("cpu"))
+    impl = resolve("lora_sgmv", backend, x)
     return impl(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, scaling=scaling,
                 base=base, check=check, metadata=metadata)
