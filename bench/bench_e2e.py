@@ -31,7 +31,7 @@ import time
 
 import pytest
 import torch
-from bench_perceiver import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
+from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
 from v2l_fast.ops.backends import runtime_missing

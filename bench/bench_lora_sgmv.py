@@ -28,7 +28,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from v2l_fast.ops import lora as ops_lora
+import sys
+import v2l_fast.ops.lora_sgmv  # noqa: F401
+ops_lora = sys.modules["v2l_fast.ops.lora_sgmv"]
 from v2l_fast.ops.backends import runtime_missing
 from v2l_fast.reference import lora_sgmv as reference
 

@@ -23,9 +23,9 @@ import triton
 import triton.language as tl
 
 from v2l_fast.errors import fail
-from v2l_fast.kernels._device import interpreting, num_sms
-from v2l_fast.kernels.lora_sgmv_meta import LoraSgmvMetadata, resolve_metadata
-from v2l_fast.reference.lora import check_lora_sgmv_args
+from v2l_fast.kernels._common import interpreting, num_sms
+from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata, resolve_metadata
+from v2l_fast.reference.lora_sgmv import check_lora_sgmv_args
 
 
 @triton.jit

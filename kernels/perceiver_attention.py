@@ -52,8 +52,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from v2l_fast.kernels._device import num_sms
-from v2l_fast.reference.perceiver import check_perceiver_attention_args, rms_norm
+from v2l_fast.kernels._common import num_sms
+from v2l_fast.reference.perceiver_attention import check_perceiver_attention_args, rms_norm
 
 # A finite "minus infinity" for running maxima and empty splits: exp(-inf - -inf) would be NaN.
 _EMPTY_LSE = -1e30

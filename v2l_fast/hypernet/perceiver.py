@@ -13,7 +13,7 @@ from torch import nn
 
 from v2l_fast import ops
 from v2l_fast.hypernet.config import Frames2LoRAConfig
-from v2l_fast.reference.perceiver import rms_norm
+from v2l_fast.reference.perceiver_attention import rms_norm
 
 # Rows of the modality projection per chunk when no gradient is needed (see `Perceiver.project`).
 PROJECTION_CHUNK_ROWS = 1 << 15

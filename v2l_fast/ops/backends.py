@@ -24,7 +24,7 @@ from collections.abc import Callable
 import torch
 
 from v2l_fast._ext import load_extension
-from v2l_fast.kernels._device import interpreting
+from v2l_fast.kernels._common import interpreting
 
 BACKENDS = ("torch", "triton", "cuda", "cpp")
 ENV_VAR = "V2L_BACKEND"

@@ -5,9 +5,9 @@ kernels are tested against these. They favour clarity over speed, validate their
 support autograd.
 """
 
-from v2l_fast.reference.compose import compose_adapters
-from v2l_fast.reference.lora import lora_sgmv
-from v2l_fast.reference.perceiver import perceiver_attention, rms_norm
-from v2l_fast.reference.swiglu import swiglu_mlp
+from v2l_fast.reference.compose_adapters import compose_adapters
+from v2l_fast.reference.lora_sgmv import lora_sgmv
+from v2l_fast.reference.perceiver_attention import perceiver_attention, rms_norm
+from v2l_fast.reference.swiglu_mlp import swiglu_mlp
 
 __all__ = ["compose_adapters", "lora_sgmv", "perceiver_attention", "rms_norm", "swiglu_mlp"]

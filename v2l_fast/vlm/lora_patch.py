@@ -28,8 +28,8 @@ from collections.abc import Sequence
 import torch
 
 from v2l_fast.errors import check_dim, check_tensor, describe, fail
-from v2l_fast.ops.lora import lora_sgmv, lora_sgmv_metadata
-from v2l_fast.reference.lora import check_lora_sgmv_args
+from v2l_fast.ops.lora_sgmv import lora_sgmv, lora_sgmv_metadata
+from v2l_fast.reference.lora_sgmv import check_lora_sgmv_args
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:

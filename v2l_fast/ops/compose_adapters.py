@@ -1,4 +1,4 @@
-"""`compose_adapters` with backend dispatch (see v2l_fast.reference.compose)."""
+"""`compose_adapters` with backend dispatch (see v2l_fast.reference.compose_adapters)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ from collections.abc import Sequence
 import torch
 
 from v2l_fast.ops.backends import register, resolve, set_auto_order
-from v2l_fast.reference import compose as reference
+import sys
+import v2l_fast.reference.compose_adapters  # noqa: F401
+reference = sys.modules["v2l_fast.reference.compose_adapters"]
 
 register("compose_adapters", "torch", reference.compose_adapters)
 set_auto_order("compose_adapters", cuda=("torch",), cpu=("torch",))

@@ -1,5 +1,5 @@
 """Benchmarks of the Perceiver hypernetwork's hot paths: the cross-attention blocks and the
-modality projection, at the workloads of SmolVLM2-500M and -2.2B (`pytest bench/bench_perceiver.py
+modality projection, at the workloads of SmolVLM2-500M and -2.2B (`pytest bench/bench_perceiver_attention.py
 --benchmark`).
 
 Blocks: the 9 encoder cross-attention layers (D=512, Q=8 latents, nh=16, hd=128, nkv=4) over the
@@ -156,7 +156,7 @@ def test_projection(benchmark, bench_record, model, frames, provider):
     if provider == "torch":
         fn = functools.partial(swiglu_mlp, x, gate, up, down)
     else:
-        from v2l_fast.kernels.swiglu import swiglu_mlp as fused
+        from v2l_fast.kernels.swiglu_mlp import swiglu_mlp as fused
 
         fn = functools.partial(fused, x, gate, up, down)
 

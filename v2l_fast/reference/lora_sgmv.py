@@ -113,7 +113,7 @@ def lora_sgmv(
         base: optional ``[T, O]`` base output to add to; ``None`` returns Δ alone.
         check: run the data-dependent argument checks (a host sync on GPU).
         metadata: the once-per-batch token grouping of the kernel backends
-            (`v2l_fast.ops.lora.lora_sgmv_metadata`); accepted so the signatures match, and
+            (`v2l_fast.ops.lora_sgmv.lora_sgmv_metadata`); accepted so the signatures match, and
             ignored here: the reference derives everything from seg_indptr and seg_adapter.
 
     Returns:

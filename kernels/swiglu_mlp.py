@@ -19,7 +19,9 @@ import triton
 import triton.language as tl
 
 from v2l_fast.kernels.perceiver_attention import dot_config
-from v2l_fast.reference import swiglu as reference
+import sys
+import v2l_fast.reference.swiglu_mlp  # noqa: F401
+reference = sys.modules["v2l_fast.reference.swiglu_mlp"]
 
 
 @triton.jit

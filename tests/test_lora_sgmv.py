@@ -13,7 +13,9 @@ import zlib
 import pytest
 import torch
 
-from v2l_fast.ops import lora as ops_lora
+import sys
+import v2l_fast.ops.lora_sgmv  # noqa: F401
+ops_lora = sys.modules["v2l_fast.ops.lora_sgmv"]
 from v2l_fast.ops.backends import resolve, runtime_missing
 from v2l_fast.reference import lora_sgmv as reference
 from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
@@ -133,7 +135,7 @@ def test_triton_base_is_not_modified_and_dtype_follows_base(poisoned):
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_shrink_split_k_partials_sum_to_x_at(split_k, poisoned):
     from v2l_fast.kernels.lora_sgmv import sgmv_shrink
-    from v2l_fast.kernels.lora_sgmv_meta import lora_sgmv_metadata
+    from v2l_fast.kernels.lora_sgmv_metadata import lora_sgmv_metadata
 
     gen = torch.Generator().manual_seed(split_k)
     T, I, R, n = 10, 1000, 16, 3
@@ -149,7 +151,7 @@ def test_shrink_split_k_partials_sum_to_x_at(split_k, poisoned):
 
 
 def test_metadata_groups_every_token_once():
-    from v2l_fast.kernels.lora_sgmv_meta import lora_sgmv_metadata
+    from v2l_fast.kernels.lora_sgmv_metadata import lora_sgmv_metadata
 
     gen = torch.Generator().manual_seed(7)
     T, n, S = 200, 6, 30

@@ -1,4 +1,4 @@
-"""`lora_sgmv`: segmented multi-adapter LoRA with backend dispatch (see v2l_fast.reference.lora).
+"""`lora_sgmv`: segmented multi-adapter LoRA with backend dispatch (see v2l_fast.reference.lora_sgmv).
 
 Backends: "torch" (the reference), "triton" (shrink/expand kernels with autograd, prefill,
 decode and training), "cuda" (compiled decode kernel, shrink and expand in one launch) and
@@ -15,10 +15,12 @@ from __future__ import annotations
 import torch
 
 from v2l_fast._ext import require_extension
-from v2l_fast.kernels.lora_sgmv_meta import LoraSgmvMetadata, resolve_metadata
-from v2l_fast.kernels.lora_sgmv_meta import lora_sgmv_metadata as _build_metadata
+from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata, resolve_metadata
+from v2l_fast.kernels.lora_sgmv_metadata import lora_sgmv_metadata as _build_metadata
 from v2l_fast.ops.backends import register, resolve, set_auto_order
-from v2l_fast.reference import lora as reference
+import sys
+import v2l_fast.reference.lora_sgmv  # noqa: F401
+reference = sys.modules["v2l_fast.reference.lora_sgmv"]
 
 __all__ = ["LoraSgmvMetadata", "lora_sgmv", "lora_sgmv_metadata"]
 

@@ -1,14 +1,16 @@
-"""`swiglu_mlp` with backend dispatch (see v2l_fast.reference.swiglu)."""
+"""`swiglu_mlp` with backend dispatch (see v2l_fast.reference.swiglu_mlp)."""
 
 from __future__ import annotations
 
 import torch
 
 from v2l_fast.ops.backends import register, resolve, set_auto_order
-from v2l_fast.reference import swiglu as reference
+import sys
+import v2l_fast.reference.swiglu_mlp  # noqa: F401
+reference = sys.modules["v2l_fast.reference.swiglu_mlp"]
 
 register("swiglu_mlp", "torch", reference.swiglu_mlp)
-register("swiglu_mlp", "triton", "v2l_fast.kernels.swiglu:swiglu_mlp")
+register("swiglu_mlp", "triton", "v2l_fast.kernels.swiglu_mlp:swiglu_mlp")
 set_auto_order("swiglu_mlp", cuda=("triton", "torch"), cpu=("torch",))
 
 

@@ -1,11 +1,13 @@
-"""`perceiver_attention` with backend dispatch (see v2l_fast.reference.perceiver)."""
+"""`perceiver_attention` with backend dispatch (see v2l_fast.reference.perceiver_attention)."""
 
 from __future__ import annotations
 
 import torch
 
 from v2l_fast.ops.backends import register, resolve, set_auto_order
-from v2l_fast.reference import perceiver as reference
+import sys
+import v2l_fast.reference.perceiver_attention  # noqa: F401
+reference = sys.modules["v2l_fast.reference.perceiver_attention"]
 
 register("perceiver_attention", "torch", reference.perceiver_attention)
 register("perceiver_attention", "triton", "v2l_fast.kernels.perceiver_attention:perceiver_attention")

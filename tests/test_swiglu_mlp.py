@@ -1,4 +1,4 @@
-"""Triton `swiglu_mlp` (kernels/swiglu.py) against the reference, forward and gradients."""
+"""Triton `swiglu_mlp` (kernels/swiglu_mlp.py) against the reference, forward and gradients."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from v2l_fast.ops.backends import resolve
 from v2l_fast.reference import swiglu_mlp as reference
 from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
 
-kernel = pytest.importorskip("v2l_fast.kernels.swiglu")
+kernel = pytest.importorskip("v2l_fast.kernels.swiglu_mlp")
 
 
 def make_inputs(lead, H, F, D, dtype, device, seed):
