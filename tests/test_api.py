@@ -11,8 +11,9 @@ import v2l_fast
 from v2l_fast.adapters import Adapters, base_fingerprint
 from v2l_fast.api import question_ids
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
-from v2l_fast.testing import assert_rel_close, random_smolvlm, tiny_vlm, write_test_video
+from v2l_fast.testing import assert_rel_close, write_test_video
 from v2l_fast.vlm import LoRAPatch, VideoError, down_proj_targets
+from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
 
 
 def tiny_hypernet(model, seed: int = 0) -> Frames2LoRA:

@@ -16,8 +16,9 @@ from v2l_fast.adapters import Adapters
 from v2l_fast.cli import demo_session, main, write_synthetic_video
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.ops import available_backends
-from v2l_fast.testing import assert_rel_close, image_seq_len, random_smolvlm, tiny_smolvlm_tokenizer, write_test_video
+from v2l_fast.testing import assert_rel_close, write_test_video
 from v2l_fast.vlm import read_video
+from v2l_fast.vlm.factory import image_seq_len, random_smolvlm, tiny_smolvlm_tokenizer
 
 QUESTIONS = ["What is shown?", "Is anyone moving at all?"]
 

@@ -9,8 +9,9 @@ from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
 import v2l_fast
-from v2l_fast.testing import assert_rel_close, tiny_smolvlm_tokenizer, write_test_video
+from v2l_fast.testing import assert_rel_close, write_test_video
 from v2l_fast.vlm import LoRAPatch, VideoBatch, down_proj_targets, extract_features, load_smolvlm
+from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer
 
 pytestmark = needs_fixtures
 

@@ -17,7 +17,8 @@ from v2l_fast.hypernet import (
 from v2l_fast.hypernet.model import l2_normalize
 from v2l_fast.hypernet.perceiver import PerceiverLayer
 from v2l_fast.ops import backends
-from v2l_fast.testing import assert_rel_close, rel_error, smolvlm_config
+from v2l_fast.testing import assert_rel_close, rel_error
+from v2l_fast.vlm.factory import smolvlm_config
 
 FIXTURE_TOL = 1e-5
 

@@ -21,7 +21,7 @@ from v2l_fast.hypernet import (
     read_official_checkpoint,
     save_frames2lora,
 )
-from v2l_fast.testing import smolvlm_config
+from v2l_fast.vlm.factory import smolvlm_config
 
 
 @pytest.fixture(scope="module")

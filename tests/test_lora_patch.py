@@ -9,8 +9,9 @@ import torch
 from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
-from v2l_fast.testing import assert_rel_close, random_smolvlm
+from v2l_fast.testing import assert_rel_close
 from v2l_fast.vlm import LoRAPatch, decoder_layers, down_proj_targets, is_patched
+from v2l_fast.vlm.factory import random_smolvlm
 
 
 def tiny_llama(seed: int = 0, layers: int = 3):

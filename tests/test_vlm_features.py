@@ -8,8 +8,9 @@ import torch
 from golden import FIXTURES, needs_fixtures
 from safetensors.torch import load_file
 
-from v2l_fast.testing import assert_rel_close, tiny_smolvlm_tokenizer, tiny_vlm
+from v2l_fast.testing import assert_rel_close
 from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
+from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer, tiny_vlm
 
 
 @needs_fixtures

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from v2l_fast.testing import smolvlm_config, tiny_smolvlm_tokenizer
+from v2l_fast.vlm.factory import smolvlm_config, tiny_smolvlm_tokenizer
 from v2l_fast.vlm.frames import (
     IMAGE_TOKEN,
     VideoPreprocessor,

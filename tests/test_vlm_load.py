@@ -9,8 +9,8 @@ import torch
 from golden import FIXTURES, TINY_VLM, needs_fixtures
 from safetensors.torch import load_file
 
-from v2l_fast.testing import random_smolvlm, tiny_smolvlm_tokenizer
 from v2l_fast.vlm import VLM, down_proj_targets, load_smolvlm
+from v2l_fast.vlm.factory import random_smolvlm, tiny_smolvlm_tokenizer
 
 
 @needs_fixtures

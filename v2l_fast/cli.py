@@ -284,7 +284,7 @@ def demo_session(seed: int, device: torch.device, max_frames: int):
     """
     from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
     from v2l_fast.hypernet.model import TARGET_MODULE
-    from v2l_fast.testing import tiny_vlm
+    from v2l_fast.vlm.factory import tiny_vlm
 
     vlm = tiny_vlm(seed, max_frames=max_frames)
     vlm.model.to(device)
