@@ -13,7 +13,8 @@ import torch
 
 import v2l_fast
 from v2l_fast.adapters import Adapters
-from v2l_fast.cli import demo_session, main, write_synthetic_video
+from v2l_fast.cli import main
+from v2l_fast.cli.demo import demo_session, write_synthetic_video
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.ops import available_backends
 from v2l_fast.testing import assert_rel_close, write_test_video

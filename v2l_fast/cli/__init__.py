@@ -1,0 +1,50 @@
+"""The ``v2l-fast`` command line (also ``python -m v2l_fast``): demo, internalize, ask, info.
+
+One module per command (`demo`, `internalize`, `ask`, `info`), each adding its subcommand to
+the parser and running it; `common` holds what they share. ``demo`` runs the whole path on an
+embedded default that needs no download: a tiny random SmolVLM2, a fresh Frames2LoRA and a
+synthetic video. ``internalize`` and ``ask`` run the same path on real checkpoints. Bad input
+(a missing or corrupt file, adapters made for another model, a backend that cannot run) ends
+with one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+import v2l_fast
+from v2l_fast.cli import ask, demo, info, internalize
+from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
+
+__all__ = ["build_parser", "main"]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of ``v2l-fast`` with its four subcommands."""
+    parser = Parser(prog=PROG, description="Internalize videos into LoRA adapters of a frozen SmolVLM2 "
+                    "(Frames2LoRA), then answer questions with zero visual tokens.")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {v2l_fast.__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
+    for command in (demo, internalize, ask, info):
+        command.add_parser(commands)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``v2l-fast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
+
+    Bad input prints ``v2l-fast COMMAND: error: …`` (one line) to stderr and returns 2.
+    """
+    args = build_parser().parse_args(argv)
+    try:
+        device = pick_device(getattr(args, "device", None))
+        with backend_scope(getattr(args, "backend", None), device):
+            return args.run(args, device)
+    except (ValueError, OSError) as err:  # every bad-input error of the stack is one of these
+        print(f"{PROG} {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130

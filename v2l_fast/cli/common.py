@@ -1,0 +1,146 @@
+"""What the ``v2l-fast`` commands share: the parser class and options, the device and backend
+set-up, stage timings and the report helpers."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+from collections.abc import Sequence
+from contextlib import contextmanager
+
+import torch
+
+from v2l_fast.ops.backends import BACKENDS, ENV_VAR, resolve, runtime_missing
+
+PROG = "v2l-fast"
+EXIT_BAD_INPUT = 2
+# The ops the stack calls (hypernetwork: Perceiver, SwiGLU, composition; answers: LoRA).
+STACK_OPS = ("perceiver_attention", "swiglu_mlp", "compose_adapters", "lora_sgmv")
+DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line on stderr (exit code 2, as argparse)."""
+
+    def error(self, message: str):
+        """Print ``message`` as one line and exit with `EXIT_BAD_INPUT`."""
+        self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an int ≥ 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}")
+    return value
+
+
+def add_runtime_options(parser: argparse.ArgumentParser, *, dtype: bool = True) -> None:
+    """``--device``, ``--backend`` and (with ``dtype``) ``--dtype``."""
+    parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
+    if dtype:
+        parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
+                            help="VLM weight dtype (default: bf16, as the official pipeline)")
+    parser.add_argument("--backend", choices=("auto", *BACKENDS),
+                        help=f"kernel backend for every op (sets ${ENV_VAR}; default: ${ENV_VAR} or auto)")
+
+
+def pick_device(name: str | None) -> torch.device:
+    """The ``--device`` (default: CUDA when available, else the CPU), refused if absent here."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise ValueError(f"--device: expected a torch device such as 'cpu' or 'cuda:0', got {name!r}") from err
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"--device: {name!r} requested, but torch sees no CUDA device here")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device: {name!r} requested, but there are {torch.cuda.device_count()} CUDA devices")
+    return device
+
+
+@contextmanager
+def backend_scope(name: str | None, device: torch.device):
+    """Route every op to backend ``name`` (through ``$V2L_BACKEND``) for the block, then restore.
+
+    Triton on CPU tensors runs under the interpreter, so it is switched on for that case; it
+    must be on before triton is imported, which is why this wraps every command.
+    """
+    if name is None:
+        yield
+        return
+    saved = {key: os.environ.get(key) for key in (ENV_VAR, "TRITON_INTERPRET")}
+    try:
+        os.environ[ENV_VAR] = name
+        if name == "triton" and device.type == "cpu" and saved["TRITON_INTERPRET"] in (None, "", "0"):
+            if "triton" in sys.modules:
+                raise ValueError("--backend triton on the CPU needs the Triton interpreter, which must be on "
+                                 "before triton is imported: set TRITON_INTERPRET=1 in the environment")
+            os.environ["TRITON_INTERPRET"] = "1"
+        missing = None if name == "auto" else runtime_missing(name, device)
+        if missing:
+            raise ValueError(f"--backend {name}: cannot run here: {missing}")
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def backends_in_use(device: torch.device) -> dict[str, str]:
+    """The backend ``auto`` picks for each op of the stack on ``device`` (``$V2L_BACKEND`` included)."""
+    import v2l_fast.ops  # noqa: F401  (registers the ops)
+
+    chosen = {}
+    for op in STACK_OPS:
+        impl = resolve(op, "auto", device)
+        for name in BACKENDS:
+            try:
+                if resolve(op, name, device) is impl:
+                    chosen[op] = name
+                    break
+            except RuntimeError:  # this op has no such backend, or it cannot run here
+                continue
+    return chosen
+
+
+def format_backends(device: torch.device) -> str:
+    """``op=backend, …`` of `backends_in_use`, for the reports."""
+    return ", ".join(f"{op}={name}" for op, name in backends_in_use(device).items())
+
+
+class Stages:
+    """Wall-clock time of each named stage (the GPU synchronised before the clock is read)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.seconds = device, {}
+
+    @contextmanager
+    def __call__(self, name: str):
+        """Time the block as stage ``name``."""
+        start = time.perf_counter()
+        yield
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.seconds[name] = time.perf_counter() - start
+
+
+def check_files(paths: Sequence[str], what: str) -> None:
+    """Refuse a path in ``paths`` that is not an existing file (``what`` names them)."""
+    for path in paths:
+        if not os.path.isfile(path):
+            raise ValueError(f"{what} not found: {path!r}")
+
+
+def shape(t: torch.Tensor) -> str:
+    """``[d0, d1, …]`` of a tensor, for the reports."""
+    return "[" + ", ".join(map(str, t.shape)) + "]"

@@ -1,0 +1,49 @@
+"""``v2l-fast info``: versions, how ``v2l_fast._C`` was built, the backends that run here."""
+
+from __future__ import annotations
+
+import sys
+
+import torch
+
+import v2l_fast
+from v2l_fast.cli.common import format_backends
+from v2l_fast.ops.backends import BACKENDS, runtime_missing
+
+
+def add_parser(commands) -> None:
+    """Add the ``info`` subcommand to ``commands`` (an argparse subparsers action)."""
+    info = commands.add_parser("info", help="versions, the compiled extension, the backends that run here")
+    info.set_defaults(run=run_info)
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(package)
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def run_info(args, device: torch.device) -> int:
+    """``v2l-fast info``: versions, how ``v2l_fast._C`` was built, the backends that run here."""
+    from v2l_fast.ops import available_backends
+
+    print(f"v2l_fast {v2l_fast.__version__} (python {sys.version.split()[0]})")
+    for package in ("torch", "triton", "transformers", "safetensors", "av"):
+        print(f"  {package:<13} {_version(package)}")
+    cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
+    print(f"  {'CUDA device':<13} {cuda}")
+    print("build_info")
+    for key, value in v2l_fast.build_info().items():
+        print(f"  {key:<13} {value}")
+    available = available_backends()
+    print(f"available backends: {', '.join(available)}")
+    for name in BACKENDS:
+        if name not in available:
+            print(f"  {name}: {runtime_missing(name)}")
+    devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
+    for device in devices:
+        print(f"auto on {device.type}: {format_backends(device)}")
+    return 0
