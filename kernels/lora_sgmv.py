@@ -24,8 +24,7 @@ import triton.language as tl
 
 from v2l_fast.errors import fail
 from v2l_fast.kernels._common import interpreting, num_sms
-from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata, resolve_metadata
-from v2l_fast.reference.lora_sgmv import check_lora_sgmv_args
+from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata
 
 
 @triton.jit
@@ -265,36 +264,17 @@ class LoraSgmvFunction(torch.autograd.Function):
         return dx, dA, dB, dbase, None, None, None
 
 
-def lora_sgmv(
-    x: torch.Tensor,
-    A: torch.Tensor,
-    B: torch.Tensor,
-    seg_indptr: torch.Tensor,
-    seg_adapter: torch.Tensor,
-    *,
-    ranks: torch.Tensor | None = None,
-    layer: int | None = None,
-    scaling: float = 1.0,
-    base: torch.Tensor | None = None,
-    check: bool = True,
-    metadata: LoraSgmvMetadata | None = None,
-) -> torch.Tensor:
-    """Triton `lora_sgmv` (same signature and semantics as `v2l_fast.reference.lora_sgmv`).
+def lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
+    """Triton backend of `v2l_fast.ops.lora_sgmv`, called with the op's kernel arguments.
 
-    ``metadata`` (from `lora_sgmv_metadata`) is the once-per-batch token grouping; without it
-    the last batch's is reused when ``seg_indptr``/``seg_adapter`` are the same tensors.
-    Differentiable in x, A, B and base.
+    Arguments are validated by the op: ``A``/``B`` are one layer's ``[n, R, ·]`` factors (any
+    strides) and ``work``/``block_m`` the batch's `LoraSgmvMetadata` tensors. The segments
+    themselves are read through the work lists only. Differentiable in x, A, B and base.
     """
-    check_lora_sgmv_args(x, A, B, seg_indptr, seg_adapter, ranks=ranks, layer=layer, base=base,
-                         check_values=check)
-    if x.device.type == "cpu" and not interpreting():
-        fail("x", "CUDA tensors for the triton backend (or TRITON_INTERPRET=1)", x.device)
     for name, t in (("x", x), ("A", A), ("B", B), ("base", base)):
         if t is not None and t.dtype == torch.float64:
             fail(name, "fp32/fp16/bf16 for the triton backend (fp64: use backend='torch')", t.dtype)
-    meta = resolve_metadata(metadata, seg_indptr, seg_adapter, x.shape[0], A.shape[0])
-    if layer is not None:
-        A, B = A[:, layer], B[:, layer]  # strided views into the pool, no copy
+    meta = LoraSgmvMetadata.from_tensors(work, block_m)
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (x, A, B, base)):
         return LoraSgmvFunction.apply(x, A, B, base, meta, ranks, float(scaling))
     return _forward(x, A, B, base, meta, ranks, float(scaling))[0]

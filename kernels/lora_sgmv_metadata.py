@@ -10,12 +10,9 @@ a batch reuses it.
 
 from __future__ import annotations
 
-import weakref
 from dataclasses import dataclass
 
 import torch
-
-from v2l_fast.errors import fail
 
 
 @dataclass(frozen=True)
@@ -41,6 +38,17 @@ class LoraSgmvMetadata:
         """Length of the work list: an upper bound on the tiles, fixed without a host sync."""
         return self.work_group.numel()
 
+    def tensors(self) -> list[torch.Tensor]:
+        """The tensors, in field order: with ``block_m`` all that `from_tensors` needs."""
+        return [self.sorted_tokens, self.group_start, self.group_count, self.work_group, self.work_start,
+                self.work_end]
+
+    @classmethod
+    def from_tensors(cls, tensors: list[torch.Tensor], block_m: int) -> LoraSgmvMetadata:
+        """Rebuild from `tensors` (how the metadata crosses the torch.library op boundary)."""
+        sorted_tokens, group_start = tensors[0], tensors[1]
+        return cls(sorted_tokens.numel(), group_start.numel() - 1, block_m, *tensors)
+
 
 def default_block_m(num_tokens: int, num_segments: int) -> int:
     """Tile height: 16 rows when segments are short (decode, BGMV), 64 for prefill."""
@@ -59,16 +67,8 @@ def lora_sgmv_metadata(seg_indptr: torch.Tensor, seg_adapter: torch.Tensor, num_
         block_m: tokens per tile (default: `default_block_m`).
 
     Ids outside ``[0, n)`` are treated as "no adapter", so the result is always safe to index
-    with; validating the segments is `lora_sgmv`'s job (``check=True``).
+    with. The arguments are trusted: `v2l_fast.ops.lora_sgmv_metadata` validates them.
     """
-    if not isinstance(seg_indptr, torch.Tensor) or seg_indptr.dim() != 1 or seg_indptr.numel() < 1:
-        fail("seg_indptr", "a 1-D int tensor [S+1]", seg_indptr)
-    if not isinstance(seg_adapter, torch.Tensor) or seg_adapter.shape != (seg_indptr.numel() - 1,):
-        fail("seg_adapter", f"a 1-D int tensor [S] = [{seg_indptr.numel() - 1}]", seg_adapter)
-    if not isinstance(num_tokens, int) or num_tokens < 0:
-        fail("num_tokens", "an int >= 0", num_tokens)
-    if not isinstance(num_adapters, int) or num_adapters < 0:
-        fail("num_adapters", "an int >= 0", num_adapters)
     T, n, dev = num_tokens, num_adapters, seg_indptr.device
     bm = block_m if block_m is not None else default_block_m(T, seg_adapter.numel())
     lengths = (seg_indptr[1:] - seg_indptr[:-1]).long()
@@ -94,40 +94,3 @@ def lora_sgmv_metadata(seg_indptr: torch.Tensor, seg_adapter: torch.Tensor, num_
         work_group=torch.where(used, g, -1).to(i32), work_start=tile_start.to(i32),
         work_end=tile_end.to(i32))
 
-
-class _LastBatchCache:
-    """The metadata of the last (seg_indptr, seg_adapter) seen, so that per-layer calls without
-    ``metadata=`` build it once per batch. Held by weak reference and checked against the
-    tensors' in-place version counters, so a new or modified batch always rebuilds."""
-
-    def __init__(self) -> None:
-        self._key: tuple | None = None
-        self._refs: tuple | None = None
-        self._meta: LoraSgmvMetadata | None = None
-
-    def get(self, seg_indptr: torch.Tensor, seg_adapter: torch.Tensor, num_tokens: int,
-            num_adapters: int) -> LoraSgmvMetadata:
-        key = (seg_indptr._version, seg_adapter._version, num_tokens, num_adapters)
-        refs = self._refs
-        if (refs is None or key != self._key or refs[0]() is not seg_indptr or refs[1]() is not seg_adapter):
-            self._meta = lora_sgmv_metadata(seg_indptr, seg_adapter, num_tokens, num_adapters)
-            self._key, self._refs = key, (weakref.ref(seg_indptr), weakref.ref(seg_adapter))
-        return self._meta
-
-
-_cache = _LastBatchCache()
-
-
-def resolve_metadata(metadata: LoraSgmvMetadata | None, seg_indptr: torch.Tensor, seg_adapter: torch.Tensor,
-                     num_tokens: int, num_adapters: int) -> LoraSgmvMetadata:
-    """``metadata`` after checking it fits (T, n, device), or the cached one for these segments."""
-    if metadata is None:
-        return _cache.get(seg_indptr, seg_adapter, num_tokens, num_adapters)
-    if not isinstance(metadata, LoraSgmvMetadata):
-        fail("metadata", "a LoraSgmvMetadata from lora_sgmv_metadata(...)", type(metadata).__name__)
-    if (metadata.num_tokens, metadata.num_adapters) != (num_tokens, num_adapters):
-        fail("metadata", f"built for T = {num_tokens} tokens and n = {num_adapters} adapters",
-             f"T = {metadata.num_tokens}, n = {metadata.num_adapters}")
-    if metadata.sorted_tokens.device != seg_indptr.device:
-        fail("metadata", f"tensors on {seg_indptr.device}", metadata.sorted_tokens.device)
-    return metadata

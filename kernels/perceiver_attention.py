@@ -1,34 +1,18 @@
 """Fused Perceiver cross-attention (FRAMES2LORA_SPEC §3.4): few latent queries, many context keys.
 
-Same signature and semantics as `v2l_fast.reference.perceiver_attention`; this module is its
-``backend="triton"``. Row n of the batch is (layer, video), the layer folded into the batch.
+The ``backend="triton"`` of `v2l_fast.ops.perceiver_attention`: same result and gradients as
+`v2l_fast.reference.perceiver_attention`. Row n of the batch is (layer, video), the layer folded
+into the batch. The algebra that absorbs K and V into the queries (so that the context part is
+softmax attention in D-space over the normalised context rows ``y_t``, all nh·Q query rows in
+one tile) is in kernels/perceiver_attention_torch.py, whose `absorbed_attention` is also this
+backend's outer half; the kernels here replace its context part.
 
-The algebra (why K and V of the context never exist)
-----------------------------------------------------
-Write the context RMSNorm of token t as ``cn_t = w_c ⊙ y_t`` with ``y_t = cast(s_t x_t)``,
-``s_t = rsqrt(mean(x_t²) + eps)`` (the cast back to the input dtype is the official one). For
-query i of head h, reading kv head g = h // (nh/nkv), with ``q = zn W_qᵀ``::
-
-    score_t = q_h,i · (W_k,g cn_t) / √hd = ((W_k,gᵀ q_h,i ⊙ w_c) / √hd) · y_t = a_r · y_t
-    Σ_t p_t W_v,g cn_t = W_v,g (w_c ⊙ Σ_t p_t y_t)
-
-so with the *absorbed queries* ``a_r = (W_k,gᵀ q_h,i) ⊙ w_c / √hd`` (one D-vector per query row
-r = h·Q + i) the context part of every head is plain softmax attention in D-space whose keys
-and values are the same normalised context rows ``y_t``. The kernel reads each context tile
-once, normalises it in registers and never writes K or V. GQA disappears in this form: every
-head reads the same ``y_t``, so all nh·Q query rows pack into one query tile (the kv group only
-decides which ``W_k,g`` / ``W_v,g`` absorbs a head, a tiny [nh·Q, hd] × [hd, D] product).
-FLOPs per context token and block: 4·nh·Q·D (scores + values), against
-4·nkv·hd·D + 4·nh·Q·hd for materialised K/V; for nh=16, Q=8, D=512, nkv=4, hd=128 that is
-0.26 vs 1.11 MFLOP.
-
-Keys are ``[context ; latents]``: the Q latent keys are ``zn_j`` in the same D-space, scored as
-``(W_k,gᵀ q / √hd) · zn_j`` (no ``w_c``). They are Q ≤ 16 vectors per row, so they are scored in
-PyTorch and merged with the kernel's result by log-sum-exp exactly like one more key split; no
-``torch.cat`` of context and latents. Keeping them (and the weights) out of the kernel keeps
-the kernel weight-free: gradients of the latents and of every weight flow through PyTorch
-autograd on [N, nh·Q, ·] tensors, and the kernel's backward only returns d(absorbed queries)
-and, when asked, d(context).
+The kernel reads each context tile once, normalises it in registers and never writes K or V.
+The Q latent keys are scored in PyTorch and merged with the kernel's result by log-sum-exp
+exactly like one more key split. Keeping them (and the weights) out of the kernel keeps the
+kernel weight-free: gradients of the latents and of every weight flow through PyTorch autograd
+on [N, nh·Q, ·] tensors, and the kernel's backward only returns d(absorbed queries) and, when
+asked, d(context).
 
 Flash-decoding: the keys of one row are split across programs (grid = query-row blocks ×
 key splits × rows, query-row blocks fastest so the blocks that share a context tile run
@@ -45,18 +29,13 @@ The backward recomputes scores from the context (nothing per token is stored): w
 from __future__ import annotations
 
 import functools
-import math
 
 import torch
-import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from v2l_fast.kernels._common import num_sms
-from v2l_fast.reference.perceiver_attention import check_perceiver_attention_args, rms_norm
-
-# A finite "minus infinity" for running maxima and empty splits: exp(-inf - -inf) would be NaN.
-_EMPTY_LSE = -1e30
+from v2l_fast.kernels._common import EMPTY_LSE, dot_config, num_sms
+from v2l_fast.kernels.perceiver_attention_torch import absorbed_attention
 
 
 @triton.jit
@@ -173,15 +152,6 @@ def _context_attention_bwd_kernel(
     tl.store(dqueries_ptr + part[:, None] * D + offs_d[None, :], dqueries, mask=rd_inside)
 
 
-def dot_config(dtype: torch.dtype) -> tuple:
-    """``tl.dot`` operand dtype and precision for inputs of ``dtype``: half stays half, fp32 is exact."""
-    if dtype == torch.float16:
-        return tl.float16, "tf32"
-    if dtype == torch.bfloat16:
-        return tl.bfloat16, "tf32"
-    return tl.float32, "ieee"
-
-
 # CUDA tiles, chosen from ptxas's register/spill report for sm_80 and sm_90 (compile-time numbers
 # in bench/NOTES.md "compile check"; no GPU timing behind them). Whole-D rows of the query, dout
 # and context tiles sit in registers, so the tiles shrink as D grows; from D = 256 on nothing
@@ -250,7 +220,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     weight = torch.exp(run_max - top)
     total = (weight * run_sum).sum(1)
     u = (weight.unsqueeze(-1) * acc).sum(1) / total.clamp_min(torch.finfo(torch.float32).tiny)[..., None]
-    lse = torch.where(total > 0, top.squeeze(1) + total.log(), torch.full_like(total, _EMPTY_LSE))
+    lse = torch.where(total > 0, top.squeeze(1) + total.log(), torch.full_like(total, EMPTY_LSE))
     return u, lse
 
 
@@ -297,69 +267,29 @@ class ContextAttention(torch.autograd.Function):
         return dqueries, dcontext, None, None, None
 
 
-def _result_dtype(*tensors: torch.Tensor) -> torch.dtype:
-    return functools.reduce(torch.promote_types, (t.dtype for t in tensors))
-
-
-def perceiver_attention(
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    context_mask: torch.Tensor | None = None,
-    *,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    v_weight: torch.Tensor,
-    o_weight: torch.Tensor,
-    latents_norm_weight: torch.Tensor,
-    context_norm_weight: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    eps: float = 1e-6,
-    check: bool = True,
-    num_splits: int | None = None,
-) -> torch.Tensor:
-    """Fused `v2l_fast.reference.perceiver_attention`: same arguments, result and gradients.
-
-    ``num_splits`` (optional) forces the number of key splits per row (default: enough
-    programs to fill the device). Gradients flow to the latents, every weight and, when it
-    requires grad, the context. The projections of the Q latents and the heads run in fp32
-    PyTorch (tensors of size nh·Q × D per row); the context is read only by the kernels.
-    """
-    check_perceiver_attention_args(
-        latents, context, context_mask, q_weight=q_weight, k_weight=k_weight, v_weight=v_weight,
-        o_weight=o_weight, latents_norm_weight=latents_norm_weight,
-        context_norm_weight=context_norm_weight, num_heads=num_heads, num_kv_heads=num_kv_heads,
-        check_values=check)
-    N, Q, D = latents.shape
-    out_dtype = _result_dtype(latents, context, q_weight, k_weight, v_weight, o_weight,
-                              latents_norm_weight, context_norm_weight)
-    if N == 0 or Q == 0:
-        return latents.new_zeros(N, Q, D, dtype=out_dtype)
-    hd = q_weight.shape[0] // num_heads
-    group = num_heads // num_kv_heads
-    context_weight = context_norm_weight.float()
-
-    zn = rms_norm(latents, latents_norm_weight, eps)
-    q = F.linear(zn.float(), q_weight.float()).view(N, Q, num_kv_heads, group, hd)
-    # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
-    absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.float().view(num_kv_heads, hd, D))
-    absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
-
+def _kernel_context_part(queries, context, context_mask, eps, num_splits):
+    """`absorbed_attention`'s context half through the kernels: ``(u, lse)``, autograd included."""
     keep = None if context_mask is None else (context_mask != 0).to(torch.uint8).contiguous()
-    u_ctx, lse_ctx = ContextAttention.apply((absorbed * context_weight).contiguous(), context,
-                                            keep, eps, num_splits)
+    return ContextAttention.apply(queries.contiguous(), context, keep, eps, num_splits)
 
-    # The latents' own keys (zn in the kv dtype, as the reference concatenates them), merged
-    # with the context part by log-sum-exp.
-    latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).float()
-    latent_scores = torch.einsum("nrd,nqd->nrq", absorbed, latent_keys)
-    lse_lat = torch.logsumexp(latent_scores, -1)
-    u_lat = torch.einsum("nrq,nqd->nrd", torch.softmax(latent_scores, -1), latent_keys)
-    lse = torch.logaddexp(lse_ctx, lse_lat)
-    u = (torch.exp(lse_ctx - lse).unsqueeze(-1) * (u_ctx * context_weight)
-         + torch.exp(lse_lat - lse).unsqueeze(-1) * u_lat)
 
-    # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
-    heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
-                         v_weight.float().view(num_kv_heads, hd, D))
-    return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.float()).to(out_dtype)
+def perceiver_attention_splits(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
+                               latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps,
+                               num_splits):
+    """`perceiver_attention` with ``num_splits`` key splits per row forced (None: fill the device)."""
+    return absorbed_attention(functools.partial(_kernel_context_part, num_splits=num_splits), latents,
+                              context, context_mask, q_weight, k_weight, v_weight, o_weight,
+                              latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps)
+
+
+def perceiver_attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
+                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps):
+    """The Triton backend of `v2l_fast.ops.perceiver_attention` (arguments validated by the op).
+
+    Same result and gradients as the reference; gradients flow to the latents, every weight
+    and, when it requires grad, the context. The projections of the Q latents and the heads run
+    in fp32 PyTorch (tensors of size nh·Q × D per row); the context is read only by the kernels.
+    """
+    return perceiver_attention_splits(latents, context, context_mask, q_weight, k_weight, v_weight,
+                                      o_weight, latents_norm_weight, context_norm_weight, num_heads,
+                                      num_kv_heads, eps, None)

@@ -18,10 +18,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from v2l_fast.kernels.perceiver_attention import dot_config
-import sys
-import v2l_fast.reference.swiglu_mlp  # noqa: F401
-reference = sys.modules["v2l_fast.reference.swiglu_mlp"]
+from v2l_fast.kernels._common import dot_config
 
 
 @triton.jit
@@ -104,11 +101,11 @@ class SwiGLU(torch.autograd.Function):
 
 def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
                down_weight: torch.Tensor) -> torch.Tensor:
-    """Fused `v2l_fast.reference.swiglu_mlp`: same arguments, result and gradients.
+    """The Triton backend of `v2l_fast.ops.swiglu_mlp` (arguments validated by the op).
 
-    Inputs and weights are brought to one dtype (their promotion) first, as the GEMMs need.
+    Same result and gradients as `v2l_fast.reference.swiglu_mlp`. Inputs and weights are
+    brought to one dtype (their promotion) first, as the GEMMs need.
     """
-    reference.check_swiglu_args(x, gate_weight, up_weight, down_weight)
     dtype = functools.reduce(torch.promote_types,
                              (t.dtype for t in (x, gate_weight, up_weight, down_weight)))
     return SwiGLU.apply(x.to(dtype), gate_weight.to(dtype), up_weight.to(dtype),

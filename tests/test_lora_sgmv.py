@@ -13,10 +13,8 @@ import zlib
 import pytest
 import torch
 
-import sys
-import v2l_fast.ops.lora_sgmv  # noqa: F401
-ops_lora = sys.modules["v2l_fast.ops.lora_sgmv"]
-from v2l_fast.ops.backends import resolve, runtime_missing
+from v2l_fast import ops
+from v2l_fast.ops.registry import resolve, runtime_missing
 from v2l_fast.reference import lora_sgmv as reference
 from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
 
@@ -78,7 +76,7 @@ def run_case(name, backend, dtype, device="cpu", w_dtype=torch.float32):
     T, I, O, R, n, S, extra = CASES[name]
     args = make_case(T, I, O, R, n, S, dtype=dtype, w_dtype=w_dtype, seed=zlib.crc32(name.encode()), device=device,
                      **extra)
-    out = ops_lora.lora_sgmv(**args, backend=backend)
+    out = ops.lora_sgmv(**args, backend=backend)
     assert out.dtype == dtype and out.shape == (T, O)
     assert_rel_close(out.float().cpu(), reference_fp64(args).float().cpu(), dtype)
 
@@ -99,7 +97,7 @@ def test_cpp_matches_reference(name, dtype):
 def test_triton_fp16_weights_use_the_native_dot(poisoned):
     T, I, O, R, n, S, extra = CASES["odd_rank48_mixed"]
     args = make_case(T, I, O, R, n, S, dtype=torch.float16, w_dtype=torch.float16, **extra)
-    out = ops_lora.lora_sgmv(**args, backend="triton")
+    out = ops.lora_sgmv(**args, backend="triton")
     assert_rel_close(out.float(), reference_fp64(args).float(), torch.float16)
 
 
@@ -110,15 +108,15 @@ def test_no_adapter_and_empty_segments_return_base(backend, poisoned):
     x, A = torch.randn(7, 40, generator=gen), torch.randn(2, 16, 40, generator=gen)
     B = torch.randn(2, 16, 24, generator=gen)
     base = torch.randn(7, 24, generator=gen)
-    out = ops_lora.lora_sgmv(x, A, B, torch.tensor([0, 0, 7, 7]), torch.tensor([0, -1, 1]), base=base,
+    out = ops.lora_sgmv(x, A, B, torch.tensor([0, 0, 7, 7]), torch.tensor([0, -1, 1]), base=base,
                              backend=backend)
     assert torch.equal(out, base)
-    delta = ops_lora.lora_sgmv(x, A, B, torch.tensor([0, 7]), torch.tensor([-1]), backend=backend)
+    delta = ops.lora_sgmv(x, A, B, torch.tensor([0, 7]), torch.tensor([-1]), backend=backend)
     assert torch.equal(delta, torch.zeros(7, 24))
-    zero_rank = ops_lora.lora_sgmv(x, A, B, torch.tensor([0, 7]), torch.tensor([1]), ranks=torch.tensor([16, 0]),
+    zero_rank = ops.lora_sgmv(x, A, B, torch.tensor([0, 7]), torch.tensor([1]), ranks=torch.tensor([16, 0]),
                                    base=base, backend=backend)
     assert torch.equal(zero_rank, base)
-    empty = ops_lora.lora_sgmv(x[:0], A, B, torch.tensor([0]), torch.tensor([], dtype=torch.long), backend=backend)
+    empty = ops.lora_sgmv(x[:0], A, B, torch.tensor([0]), torch.tensor([], dtype=torch.long), backend=backend)
     assert empty.shape == (0, 24)
 
 
@@ -127,7 +125,7 @@ def test_triton_base_is_not_modified_and_dtype_follows_base(poisoned):
     args["x"] = args["x"].bfloat16()  # the LoRA patch: bf16 activations, fp32 adapters (spec §9)
     args["base"] = args["base"].half()
     before = args["base"].clone()
-    out = ops_lora.lora_sgmv(**args, backend="triton")
+    out = ops.lora_sgmv(**args, backend="triton")
     assert torch.equal(args["base"], before) and out.dtype == torch.float16
     assert_rel_close(out.float(), reference_fp64(args).float(), torch.float16)
 
@@ -175,28 +173,28 @@ def test_metadata_groups_every_token_once():
 
 def test_explicit_metadata_is_reused_across_layers(poisoned):
     args = make_case(20, 64, 48, 16, 3, 5, L=3)
-    meta = ops_lora.lora_sgmv_metadata(args["seg_indptr"], args["seg_adapter"], 20, 3)
+    meta = ops.lora_sgmv_metadata(args["seg_indptr"], args["seg_adapter"], 20, 3)
     for layer in range(3):
         args["layer"] = layer
-        out = ops_lora.lora_sgmv(**args, metadata=meta, check=False, backend="triton")
+        out = ops.lora_sgmv(**args, metadata=meta, check=False, backend="triton")
         assert_rel_close(out, reference_fp64(args).float(), torch.float32)
 
 
-def test_cached_metadata_follows_in_place_changes(poisoned):
+def test_without_metadata_each_call_groups_its_own_segments(poisoned):
     args = make_case(20, 64, 48, 16, 3, 5)
-    ops_lora.lora_sgmv(**args, backend="triton")
+    ops.lora_sgmv(**args, backend="triton")
     args["seg_adapter"].copy_(torch.tensor([2, 1, 0, -1, 2]))  # same tensor, new values
-    out = ops_lora.lora_sgmv(**args, backend="triton")
+    out = ops.lora_sgmv(**args, backend="triton")
     assert_rel_close(out, reference_fp64(args).float(), torch.float32)
 
 
 def test_metadata_built_for_another_batch_is_rejected():
     args = make_case(20, 64, 48, 16, 3, 5)
-    meta = ops_lora.lora_sgmv_metadata(args["seg_indptr"], args["seg_adapter"], 20, 4)
+    meta = ops.lora_sgmv_metadata(args["seg_indptr"], args["seg_adapter"], 20, 4)
     with pytest.raises(ValueError, match="^metadata: expected"):
-        ops_lora.lora_sgmv(**args, metadata=meta, backend="triton")
+        ops.lora_sgmv(**args, metadata=meta, backend="triton")
     with pytest.raises(ValueError, match="^metadata: expected"):
-        ops_lora.lora_sgmv(**args, metadata="not metadata", backend="triton")
+        ops.lora_sgmv(**args, metadata="not metadata", backend="triton")
 
 
 GRAD_CASES = {
@@ -215,7 +213,7 @@ def test_triton_gradients_match_reference_autograd(name, poisoned):
     grads = {}
     for backend in ("triton", "torch"):
         inputs = {k: v.detach().clone().requires_grad_() for k, v in leaves.items()}
-        out = ops_lora.lora_sgmv(**(args | inputs), backend=backend)
+        out = ops.lora_sgmv(**(args | inputs), backend=backend)
         out.backward(dy)
         grads[backend] = {k: v.grad for k, v in inputs.items()}
     for k in ("x", "A", "B", "base"):
@@ -227,7 +225,7 @@ def test_triton_gradients_match_reference_autograd(name, poisoned):
 def test_triton_gradient_of_one_input_only(poisoned):
     args = make_case(12, 40, 24, 8, 2, 3, L=2)
     A = args["A"].clone().requires_grad_()
-    ops_lora.lora_sgmv(**(args | dict(A=A)), backend="triton").sum().backward()
+    ops.lora_sgmv(**(args | dict(A=A)), backend="triton").sum().backward()
     A_ref = args["A"].clone().requires_grad_()
     reference(**(args | dict(A=A_ref))).sum().backward()
     assert_rel_close(A.grad, A_ref.grad, torch.float32)
@@ -258,26 +256,26 @@ BAD_INPUTS = [
 @pytest.mark.parametrize("change,name", BAD_INPUTS)
 def test_bad_input_names_the_argument(backend, change, name):
     with pytest.raises(ValueError, match=rf"^{name}: expected"):
-        ops_lora.lora_sgmv(**(_bad_args() | change), backend=backend)
+        ops.lora_sgmv(**(_bad_args() | change), backend=backend)
 
 
 def test_triton_rejects_fp64_naming_the_argument():
     with pytest.raises(ValueError, match="^B: expected"):
-        ops_lora.lora_sgmv(**(_bad_args() | dict(B=torch.randn(2, 3, 4, dtype=torch.float64))), backend="triton")
+        ops.lora_sgmv(**(_bad_args() | dict(B=torch.randn(2, 3, 4, dtype=torch.float64))), backend="triton")
 
 
 def test_auto_never_picks_the_interpreter_on_cpu(monkeypatch):
     monkeypatch.delenv("V2L_BACKEND", raising=False)
     impl = resolve("lora_sgmv", "auto", torch.device("cpu"))
-    assert impl.__module__ != "v2l_fast.kernels.lora_sgmv"
-    assert impl is (ops_lora._lora_sgmv_cpp if CPP_MISSING is None else reference)
+    assert impl.fn.__module__ != "v2l_fast.kernels.lora_sgmv"
+    assert impl.backend == ("cpp" if CPP_MISSING is None else "torch")
 
 
 @pytest.mark.skipif(CPP_MISSING is not None, reason=f"cpp backend: {CPP_MISSING}")
 def test_cpp_with_gradients_falls_back_to_the_reference():
     args = make_case(12, 40, 24, 8, 2, 3)
     x = args["x"].clone().requires_grad_()
-    ops_lora.lora_sgmv(**(args | dict(x=x)), backend="cpp").sum().backward()
+    ops.lora_sgmv(**(args | dict(x=x)), backend="cpp").sum().backward()
     x_ref = args["x"].clone().requires_grad_()
     reference(**(args | dict(x=x_ref))).sum().backward()
     assert_rel_close(x.grad, x_ref.grad, torch.float32)
@@ -287,7 +285,7 @@ def test_cpp_with_gradients_falls_back_to_the_reference():
 def test_cpp_keeps_fp64_accumulation():
     args = make_case(12, 40, 24, 8, 2, 3)
     args = {k: v.double() if isinstance(v, torch.Tensor) and v.is_floating_point() else v for k, v in args.items()}
-    out = ops_lora.lora_sgmv(**args, backend="cpp")
+    out = ops.lora_sgmv(**args, backend="cpp")
     assert out.dtype == torch.float64
     assert_rel_close(out, reference(**args), torch.float64)
 
@@ -315,6 +313,6 @@ def test_gpu_triton_gradients_bf16_activations(name):
     args = make_case(T, I, O, R, n, S, dtype=torch.bfloat16, device="cuda", **extra)
     A, A_ref = (args["A"].clone().requires_grad_() for _ in range(2))
     dy = torch.randn(T, O, device="cuda", dtype=torch.bfloat16)
-    ops_lora.lora_sgmv(**(args | dict(A=A)), backend="triton").backward(dy)
+    ops.lora_sgmv(**(args | dict(A=A)), backend="triton").backward(dy)
     reference(**(args | dict(A=A_ref))).backward(dy)
     assert_rel_close(A.grad, A_ref.grad, torch.bfloat16)

@@ -1,13 +1,18 @@
-"""Backend dispatch of `v2l_fast.ops`: availability, auto choice, $V2L_BACKEND, clear errors."""
+"""Backend dispatch of `v2l_fast.ops`: availability, auto choice, use_backend, $V2L_BACKEND, clear errors."""
 
 from __future__ import annotations
+
+import contextvars
+import inspect
 
 import pytest
 import torch
 
 import v2l_fast.ops as ops
 from v2l_fast import reference
-from v2l_fast.ops import backends
+from v2l_fast.ops import registry
+
+OPS = ("lora_sgmv", "perceiver_attention", "compose_adapters", "swiglu_mlp")
 
 
 def _sgmv_args():
@@ -19,10 +24,10 @@ def _sgmv_args():
 def test_torch_is_always_available_and_only_real_backends_are_listed():
     names = ops.available_backends()
     assert "torch" in names
-    assert set(names) <= set(backends.BACKENDS)
+    assert set(names) <= set(registry.BACKENDS)
     for name in names:
-        assert backends.runtime_missing(name) is None
-    for op in ("lora_sgmv", "perceiver_attention", "compose_adapters", "swiglu_mlp"):
+        assert registry.runtime_missing(name) is None
+    for op in OPS:
         assert "torch" in ops.available_backends(op)
 
 
@@ -42,25 +47,76 @@ def test_triton_on_cpu_tensors_without_the_interpreter_names_what_is_missing(mon
         ops.lora_sgmv(*_sgmv_args(), backend="triton")
 
 
-def test_missing_backend_of_an_op_is_named(monkeypatch):
-    monkeypatch.setitem(backends._implementations, "test_only_op", {"torch": reference.compose_adapters})
-    with pytest.raises(RuntimeError, match="test_only_op has no 'cuda' backend"):
-        backends.resolve("test_only_op", "cuda", torch.device("cpu"))
+def test_missing_backend_of_an_op_is_named():
+    with pytest.raises(RuntimeError, match="compose_adapters has no 'cuda' backend"):
+        registry.resolve("compose_adapters", "cuda", torch.device("cpu"))
 
 
-def test_env_overrides_auto(monkeypatch):
+def test_unknown_op_is_a_value_error():
+    with pytest.raises(ValueError, match="^op: expected one of"):
+        registry.resolve("lora_bgmv", "auto", torch.device("cpu"))
+
+
+@pytest.fixture
+def torch_spy(monkeypatch):
+    """Replace lora_sgmv's torch backend by a spy that records its calls."""
     calls = []
+    real = ops.lora_sgmv.op.backends["torch"]
 
-    def spy(*args, **kwargs):
-        calls.append(kwargs)
-        return reference.lora_sgmv(*args, **kwargs)
+    def spy(*args):
+        calls.append(args)
+        return real(*args)
 
-    monkeypatch.setitem(backends._implementations["lora_sgmv"], "torch", spy)
+    monkeypatch.setitem(ops.lora_sgmv.op.backends, "torch", spy)
+    return calls
+
+
+def test_env_overrides_auto(monkeypatch, torch_spy):
     monkeypatch.setenv("V2L_BACKEND", "torch")
     ops.lora_sgmv(*_sgmv_args())
-    assert len(calls) == 1
+    assert len(torch_spy) == 1
     ops.lora_sgmv(*_sgmv_args(), backend="torch")  # an explicit backend is honoured too
-    assert len(calls) == 2
+    assert len(torch_spy) == 2
+
+
+def test_use_backend_scopes_the_choice_and_restores_it(monkeypatch, torch_spy):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    assert ops.current_backend() == "auto"
+    with ops.use_backend("torch"):
+        assert ops.current_backend() == "torch"
+        assert ops.resolve("lora_sgmv", "auto", torch.device("cpu")).backend == "torch"
+        ops.lora_sgmv(*_sgmv_args())
+        with ops.use_backend("auto"):
+            assert ops.current_backend() == "auto"
+        assert ops.current_backend() == "torch"
+    assert ops.current_backend() == "auto"
+    assert len(torch_spy) == 1
+
+
+def test_use_backend_wins_over_the_environment_and_an_explicit_backend_over_both(monkeypatch):
+    monkeypatch.setenv("V2L_BACKEND", "cpp")
+    with ops.use_backend("torch"):
+        assert ops.resolve("lora_sgmv", "auto", torch.device("cpu")).backend == "torch"
+        assert ops.resolve("lora_sgmv", "torch", torch.device("cpu")).backend == "torch"
+
+
+def test_use_backend_is_per_context_not_process_global(monkeypatch):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    with ops.use_backend("torch"):
+        other = contextvars.Context().run(ops.current_backend)  # a fresh context: another thread or task
+    assert other == "auto"
+
+
+def test_use_backend_with_a_bad_name_is_a_value_error():
+    with pytest.raises(ValueError, match="^backend: expected 'auto' or one of"):
+        with ops.use_backend("fastest"):
+            pass
+
+
+def test_a_scoped_backend_an_op_lacks_leaves_that_op_on_auto(monkeypatch):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    with ops.use_backend("cpp"):
+        assert ops.resolve("compose_adapters", "auto", torch.device("cpu")).backend == "torch"
 
 
 def test_env_with_a_bad_name_is_a_value_error(monkeypatch):
@@ -72,14 +128,37 @@ def test_env_with_a_bad_name_is_a_value_error(monkeypatch):
 def test_auto_on_cpu_never_picks_the_interpreter(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     monkeypatch.delenv("V2L_BACKEND", raising=False)
-    for op in ("lora_sgmv", "perceiver_attention", "compose_adapters", "swiglu_mlp"):
-        chosen = backends.resolve(op, "auto", torch.device("cpu"))
-        assert not chosen.__module__.startswith("v2l_fast.kernels"), (op, chosen.__module__)
+    for op in OPS:
+        chosen = registry.resolve(op, "auto", torch.device("cpu"))
+        assert chosen.backend != "triton", op
+        assert not chosen.fn.__module__.startswith("v2l_fast.kernels"), (op, chosen.fn.__module__)
+
+
+def test_resolve_names_the_backend_auto_picked(monkeypatch):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    expected = "cpp" if "cpp" in ops.available_backends("lora_sgmv") else "torch"
+    assert registry.resolve("lora_sgmv", "auto", torch.zeros(1)).backend == expected
 
 
 def test_register_rejects_unknown_backend():
     with pytest.raises(ValueError, match="backend"):
-        backends.register("lora_sgmv", "metal", reference.lora_sgmv)
+        ops.lora_sgmv.op.register("metal", reference.lora_sgmv)
+
+
+@pytest.mark.parametrize("op", OPS)
+def test_public_signature_is_the_reference_plus_dispatch_arguments(op):
+    public, ref = inspect.signature(getattr(ops, op)), inspect.signature(getattr(reference, op))
+    names = list(public.parameters)
+    assert names[:len(ref.parameters)] == list(ref.parameters)
+    assert names[-2:] == ["check", "backend"]
+    assert getattr(ops, op).__doc__.startswith(getattr(reference, op).__doc__)
+
+
+@pytest.mark.parametrize("op", ["lora_sgmv", "perceiver_attention", "swiglu_mlp"])
+def test_kernel_ops_are_registered_with_torch_library(op):
+    schema = str(getattr(torch.ops.v2l_fast, op).default._schema)
+    assert schema.startswith(f"v2l_fast::{op}(") and schema.endswith("str backend) -> Tensor")
+    assert getattr(torch.ops.v2l_fast, f"{op}_backward").default is not None
 
 
 @pytest.mark.parametrize("backend", ["auto", *ops.available_backends("lora_sgmv")])

@@ -1,32 +1,16 @@
-"""`compose_adapters` with backend dispatch (see v2l_fast.reference.compose_adapters)."""
+"""`compose_adapters` with backend dispatch (see v2l_fast.reference.compose_adapters).
+
+Not a torch.library op: its inputs are sequences of factors and its output rank depends on
+them, and nothing compiles around it (it runs once per composed adapter, not per token).
+"""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from v2l_fast.ops import checks
+from v2l_fast.ops.registry import define_op, positional
+from v2l_fast.reference.compose_adapters import compose_adapters as reference
 
-import torch
-
-from v2l_fast.ops.backends import register, resolve, set_auto_order
-import sys
-import v2l_fast.reference.compose_adapters  # noqa: F401
-reference = sys.modules["v2l_fast.reference.compose_adapters"]
-
-register("compose_adapters", "torch", reference.compose_adapters)
-set_auto_order("compose_adapters", cuda=("torch",), cpu=("torch",))
-
-
-def compose_adapters(
-    As: Sequence[torch.Tensor],
-    Bs: Sequence[torch.Tensor],
-    *,
-    weights: Sequence[float] | torch.Tensor | None = None,
-    bias: tuple[torch.Tensor, torch.Tensor] | None = None,
-    max_rank: int | None = None,
-    backend: str = "auto",
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rank-space composition of segment adapters; see `v2l_fast.reference.compose_adapters`.
-
-    ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch".
-    """
-    impl = resolve("compose_adapters", backend, As[0] if isinstance(As, Sequence) and As else None)
-    return impl(As, Bs, weights=weights, bias=bias, max_rank=max_rank)
+compose_adapters = define_op(
+    reference, check=checks.compose_adapters, device_of=lambda a: a.As[0].device,
+    auto={"cuda": ("torch",), "cpu": ("torch",)})
+compose_adapters.op.register("torch", positional(reference))

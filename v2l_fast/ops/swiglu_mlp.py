@@ -1,24 +1,27 @@
-"""`swiglu_mlp` with backend dispatch (see v2l_fast.reference.swiglu_mlp)."""
+"""`swiglu_mlp` with backend dispatch (see v2l_fast.reference.swiglu_mlp).
+
+Kernel arguments: the reference's, ``x, gate_weight, up_weight, down_weight``.
+"""
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
-from v2l_fast.ops.backends import register, resolve, set_auto_order
-import sys
-import v2l_fast.reference.swiglu_mlp  # noqa: F401
-reference = sys.modules["v2l_fast.reference.swiglu_mlp"]
-
-register("swiglu_mlp", "torch", reference.swiglu_mlp)
-register("swiglu_mlp", "triton", "v2l_fast.kernels.swiglu_mlp:swiglu_mlp")
-set_auto_order("swiglu_mlp", cuda=("triton", "torch"), cpu=("torch",))
+from v2l_fast.ops import checks
+from v2l_fast.ops.registry import define_op, kernel_schema
+from v2l_fast.reference.swiglu_mlp import swiglu_mlp as reference
 
 
-def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tensor,
-               down_weight: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
-    """SwiGLU MLP without biases; see `v2l_fast.reference.swiglu_mlp`.
+def _output_like(x, gate_weight, up_weight, down_weight):
+    dtype = functools.reduce(torch.promote_types, (t.dtype for t in (x, gate_weight, up_weight, down_weight)))
+    return x.new_empty(*x.shape[:-1], down_weight.shape[0], dtype=dtype)
 
-    ``backend``: "auto" (default; ``$V2L_BACKEND`` overrides), "torch", "triton".
-    """
-    impl = resolve("swiglu_mlp", backend, x)
-    return impl(x, gate_weight, up_weight, down_weight)
+
+swiglu_mlp = define_op(
+    reference, check=checks.swiglu_mlp, device_of=lambda a: a.x.device,
+    schema=kernel_schema(reference), fake=_output_like,
+    auto={"cuda": ("triton", "torch"), "cpu": ("torch",)})
+swiglu_mlp.op.register("torch", reference)
+swiglu_mlp.op.register("triton", "v2l_fast.kernels.swiglu_mlp:swiglu_mlp")

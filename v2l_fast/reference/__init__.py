@@ -1,8 +1,9 @@
 """Plain-PyTorch ground truth of every v2l_fast op.
 
-Each function here has a twin in `v2l_fast.ops` with the same signature and semantics; the
-kernels are tested against these. They favour clarity over speed, validate their inputs and
-support autograd.
+Each function here defines its op: `v2l_fast.ops` generates the public op from it (same
+signature and semantics, plus ``check=`` and ``backend=``), and the kernels are tested against
+it. They favour clarity over speed and support autograd; they assume valid arguments (the
+public op validates them once, in `v2l_fast.ops.checks`).
 """
 
 from v2l_fast.reference.compose_adapters import compose_adapters

@@ -1,7 +1,7 @@
 """Attach a batch of LoRA adapters to Linear modules of any transformers decoder.
 
 `LoRAPatch` adds ``scaling · (x Aᵀ) B`` of adapter ``b`` to batch row ``b`` of every target
-Linear, through `v2l_fast.ops.lora_sgmv` (so ``V2L_BACKEND`` picks the kernel). Adapters are a
+Linear, through the `lora_sgmv` backend resolved when the patch is built. Adapters are a
 stacked pool ``A [n, L, R, I]``, ``B [n, L, R, O]``; each target module is bound to one layer
 index of the pool. Frames2LoRA targets every decoder layer's ``mlp.down_proj``
 (`down_proj_targets`); a Doc-to-LoRA / Text-to-LoRA style hypernetwork passes its own modules.
@@ -10,7 +10,8 @@ Mechanics: one forward hook per target module, no change to the modules themselv
 global. It works inside ``model.generate``: the prefill and every decode step see ``x`` of
 shape ``[rows, T, I]``, and the segment metadata (row b = tokens ``[b·T, (b+1)·T)``, adapter
 ``row_adapters[b]``) is built from that shape on the device, without a host sync, once per
-shape and shared by all layers.
+shape and shared by all layers. Under ``torch.compile`` each hook call is one
+``torch.ops.v2l_fast.lora_sgmv`` node.
 
 Numerics (FRAMES2LORA_SPEC §9): ``lora_sgmv`` upcasts x to fp32 against fp32 adapters, adds
 the fp32 delta to the base output in fp32 and casts the sum back to the output dtype.
@@ -24,12 +25,14 @@ thread (or one model copy per thread).
 from __future__ import annotations
 
 from collections.abc import Sequence
+from types import SimpleNamespace
 
 import torch
 
+from v2l_fast import ops
 from v2l_fast.errors import check_dim, check_tensor, describe, fail
-from v2l_fast.ops.lora_sgmv import lora_sgmv, lora_sgmv_metadata
-from v2l_fast.reference.lora_sgmv import check_lora_sgmv_args
+from v2l_fast.ops import checks
+from v2l_fast.ops.lora_sgmv import kernel_segments
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -61,21 +64,23 @@ def is_patched(model: torch.nn.Module) -> bool:
 
 
 class _LoRAHook:
-    """Forward hook of one target module: adds its layer's adapters to the module's output."""
+    """Forward hook of one target module: adds its layer's adapters to the module's output.
+
+    The per-call work is a dict lookup of the batch's segments and one call of the backend
+    resolved when the patch was built: no backend lookup, no argument checks.
+    """
 
     def __init__(self, patch: LoRAPatch, layer: int):
-        self.patch, self.layer = patch, layer
+        self.patch = patch
+        self.A, self.B = patch.layer_factors(layer)
 
     def __call__(self, module, args, output):
-        x = args[0]
+        x, patch = args[0], self.patch
         rows, width = x.shape[0], x.shape[-1]
         tokens = x.numel() // width
-        indptr, adapters, metadata = self.patch.segments(rows, tokens // max(rows, 1), x.device)
-        A, B = self.patch.layer_factors(self.layer)
-        out = lora_sgmv(x.reshape(tokens, width), A, B, indptr, adapters,
-                        ranks=self.patch.ranks, scaling=self.patch.scaling,
-                        base=output.reshape(tokens, output.shape[-1]), check=False,
-                        metadata=metadata, backend=self.patch.backend)
+        indptr, adapters, work, block_m = patch.segments(rows, tokens // max(rows, 1), x.device)
+        out = patch.kernel(x.reshape(tokens, width), self.A, self.B, indptr, adapters, patch.ranks, patch.scaling,
+                           output.reshape(tokens, output.shape[-1]), work, block_m)
         return out.view(output.shape)
 
 
@@ -91,9 +96,11 @@ class LoRAPatch:
         row_adapters: ``[rows]`` adapter id of each batch row, −1 for none (default: row b
             uses adapter b, and the batch must have n rows).
         ranks: optional ``[n]`` effective rank of each adapter (see `lora_sgmv`).
-        backend: `lora_sgmv` backend ("auto": ``$V2L_BACKEND`` or the fastest).
+        backend: `lora_sgmv` backend, resolved once, here ("auto": `v2l_fast.ops.use_backend`,
+            ``$V2L_BACKEND`` or the fastest); `kernel.backend` names the choice.
 
-    Adapters are moved to the targets' device (dtype kept: pass fp32 for the spec's
+    Everything is validated here, once; each hook call then runs the resolved kernel with
+    no checks. Adapters are moved to the targets' device (dtype kept: pass fp32 for the spec's
     numerics). The hooks hold references, not copies: do not modify A/B while patched.
     """
 
@@ -126,15 +133,16 @@ class LoRAPatch:
             row_adapters = row_adapters.to(device)
         if ranks is not None:
             ranks = ranks.to(device)
-        self.A, self.B, self.scaling, self.ranks, self.backend = A, B, float(scaling), ranks, backend
+        self.A, self.B, self.scaling, self.ranks = A, B, float(scaling), ranks
+        self.kernel = ops.resolve("lora_sgmv", backend, device)
         # Per-layer [n, R, ·] views: in training, autograd then stacks the layers' gradients
         # into the pool once instead of adding a full-pool zero gradient per layer.
         self._A_layers, self._B_layers = A.unbind(1), B.unbind(1)
         self.row_adapters = row_adapters
         rows = A.shape[0] if row_adapters is None else row_adapters.shape[0]
         indptr, adapters = self._build_segments(rows, 1, device)
-        check_lora_sgmv_args(A.new_zeros(rows, A.shape[-1]), A, B, indptr, adapters, ranks=ranks,
-                             layer=0, base=None, check_values=True)
+        checks.lora_sgmv(SimpleNamespace(x=A.new_zeros(rows, A.shape[-1]), A=A, B=B, seg_indptr=indptr,
+                                         seg_adapter=adapters, ranks=ranks, layer=0, base=None), values=True)
         self._segments: dict[tuple, tuple] = {}
         self._handles = [module.register_forward_hook(_LoRAHook(self, layer))
                          for module, layer in zip(targets, layers)]
@@ -155,16 +163,16 @@ class LoRAPatch:
         return indptr, torch.arange(rows, device=device, dtype=torch.int64)
 
     def segments(self, rows: int, tokens_per_row: int, device) -> tuple:
-        """``(seg_indptr, seg_adapter, metadata)`` for ``rows`` × ``tokens_per_row`` tokens,
-        built once per input shape and reused by every patched layer."""
+        """``(seg_indptr, seg_adapter, work, block_m)`` kernel arguments for ``rows`` ×
+        ``tokens_per_row`` tokens, built once per input shape and reused by every patched layer."""
         if rows != self.num_rows:
             fail("model input", f"{self.num_rows} batch rows (one per adapter row of the patch)",
                  f"{rows} rows")
         key = (rows, tokens_per_row, device)
         if key not in self._segments:
             indptr, adapters = self._build_segments(rows, tokens_per_row, device)
-            metadata = lora_sgmv_metadata(indptr, adapters, rows * tokens_per_row, self.A.shape[0])
-            self._segments[key] = (indptr, adapters, metadata)
+            work, block_m = kernel_segments(self.kernel, indptr, adapters, rows * tokens_per_row, self.A.shape[0])
+            self._segments[key] = (indptr, adapters, work, block_m)
         return self._segments[key]
 
     def remove(self) -> None:
