@@ -38,6 +38,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("seg_indptr"),
         pybind11::arg("seg_adapter"), pybind11::arg("ranks"), pybind11::arg("scaling"), pybind11::arg("base"));
 #ifdef V2L_WITH_CUDA
-  m.def("lora_sgmv_cuda", &lora_sgmv_cuda, "SGMV LoRA decode forward on CUDA, shrink + expand in one launch");
+  m.def("lora_sgmv_cuda", &lora_sgmv_cuda, "SGMV LoRA decode forward on CUDA, shrink + expand in one launch",
+        pybind11::arg("x"), pybind11::arg("A"), pybind11::arg("B"), pybind11::arg("ranks"), pybind11::arg("scaling"),
+        pybind11::arg("base"), pybind11::arg("sorted_tokens"), pybind11::arg("work_group"),
+        pybind11::arg("work_start"), pybind11::arg("work_end"));
 #endif
 }

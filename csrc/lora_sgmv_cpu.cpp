@@ -4,6 +4,7 @@
 
 #include <vector>
 
+#include "checks.h"
 #include "lora.h"
 
 namespace {
@@ -35,8 +36,12 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x, const at::Tensor& A, const at::Ten
                          const at::Tensor& seg_indptr, const at::Tensor& seg_adapter,
                          const std::optional<at::Tensor>& ranks, double scaling,
                          const std::optional<at::Tensor>& base) {
-  TORCH_CHECK(x.device().is_cpu(), "x: expected a CPU tensor for lora_sgmv_cpu");
-  TORCH_CHECK(x.dim() == 2 && A.dim() == 3 && B.dim() == 3, "lora_sgmv_cpu: expected x [T, I], A [n, R, I], B [n, R, O]");
+  v2l::check_lora_sgmv_common(x, A, B, ranks, base, at::kCPU);
+  v2l::check_tensor("seg_indptr", seg_indptr, 1, v2l::Kind::Index, x.device(), "[S+1]");
+  TORCH_CHECK_VALUE(seg_indptr.numel() >= 1, "seg_indptr: expected at least one element ([S+1] with seg_indptr[0] == 0)",
+                    ", got ", v2l::describe(seg_indptr));
+  v2l::check_tensor("seg_adapter", seg_adapter, 1, v2l::Kind::Index, x.device(), "[S]");
+  v2l::check_dim("seg_adapter", seg_adapter, 0, seg_indptr.numel() - 1, "S, one adapter id per segment");
   const int64_t T = x.size(0), I = x.size(1), n = A.size(0), R = A.size(1), O = B.size(2);
   const at::ScalarType out_dtype = base ? base->scalar_type() : x.scalar_type();
   at::Tensor y = base ? base->to(at::kFloat, false, /*copy=*/true).contiguous() : at::zeros({T, O}, x.options().dtype(at::kFloat));

@@ -4,6 +4,7 @@
 
 #include <algorithm>
 
+#include "checks.h"
 #include "lora.h"
 #include "lora_sgmv_decode.cuh"
 
@@ -16,7 +17,7 @@ void dispatch_float(at::ScalarType type, const char* name, F&& f) {
     case at::kFloat: return f(float{});
     case at::kHalf: return f(__half{});
     case at::kBFloat16: return f(__nv_bfloat16{});
-    default: TORCH_CHECK_VALUE(false, name, ": expected float32, float16 or bfloat16, got ", type);
+    default: TORCH_CHECK_VALUE(false, name, ": expected dtype float32, float16 or bfloat16, got ", v2l::dtype_name(type));
   }
 }
 
@@ -29,8 +30,13 @@ at::Tensor lora_sgmv_cuda(const at::Tensor& x, const at::Tensor& A, const at::Te
                           const std::optional<at::Tensor>& base, const at::Tensor& sorted_tokens,
                           const at::Tensor& work_group, const at::Tensor& work_start,
                           const at::Tensor& work_end) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x: expected a CUDA tensor for lora_sgmv_cuda");
-  TORCH_CHECK_VALUE(x.dim() == 2 && A.dim() == 3 && B.dim() == 3, "x, A, B: expected [T, I], [n, R, I], [n, R, O]");
+  v2l::check_lora_sgmv_common(x, A, B, ranks, base, at::kCUDA);
+  v2l::check_tensor("sorted_tokens", sorted_tokens, 1, v2l::Kind::Index, x.device(), "[T]");
+  v2l::check_tensor("work_group", work_group, 1, v2l::Kind::Index, x.device(), "[W]");
+  v2l::check_tensor("work_start", work_start, 1, v2l::Kind::Index, x.device(), "[W]");
+  v2l::check_tensor("work_end", work_end, 1, v2l::Kind::Index, x.device(), "[W]");
+  v2l::check_dim("work_start", work_start, 0, work_group.numel(), "W, the work tiles of work_group");
+  v2l::check_dim("work_end", work_end, 0, work_group.numel(), "W, the work tiles of work_group");
   const c10::cuda::CUDAGuard guard(x.device());
   // One weight type for both factors; mixing (e.g. fp32 A, bf16 B) upcasts exactly to fp32.
   const bool same_w = A.scalar_type() == B.scalar_type();
