@@ -171,7 +171,8 @@ def test_pickled_config_must_agree_with_shapes(state_dict):
 def test_checkpoint_for_another_base_model_or_rank_is_refused(expect, named):
     fields = dict(num_layers=4, hidden_size=64, intermediate_size=128, rank=4)
     fields.update(expect)
-    with pytest.raises(ValueError, match=r"^checkpoint: does not fit .*" + named):
+    made_for_another = r"^checkpoint: expected a checkpoint made for this base model, got .*"
+    with pytest.raises(ValueError, match=made_for_another + named):
         load_frames2lora(OFFICIAL_CKPT, expect=Frames2LoRAConfig(**fields))
 
 

@@ -16,9 +16,12 @@ from dataclasses import dataclass
 
 import torch
 
+from v2l_fast.compat import base_dimensions, check_fits
 from v2l_fast.errors import check_tensor, fail
 
 FORMAT = "v2l_fast.adapters/1"
+# Fingerprint fields that must match for adapters to fit a model (the name is informative only).
+_MATCHED = ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256")
 _HASHED_VALUES_PER_LAYER = 1 << 16
 
 
@@ -41,20 +44,8 @@ def base_fingerprint(model: torch.nn.Module) -> dict:
         sample = flat[::step].to(device="cpu", dtype=torch.bfloat16).view(torch.int16)
         digest.update(sample.numpy().tobytes())
     config = getattr(model.config, "text_config", model.config)
-    return {"name": getattr(model.config, "name_or_path", "") or "",
-            "num_layers": len(targets), "hidden_size": targets[0].out_features,
-            "intermediate_size": targets[0].in_features, "down_proj_sha256": digest.hexdigest(),
-            "model_type": getattr(config, "model_type", "")}
-
-
-def check_compatible(fingerprint: dict, model: torch.nn.Module, what: str = "adapters") -> None:
-    """Raise ValueError saying what differs when ``fingerprint`` is not ``model``'s."""
-    mine = base_fingerprint(model)
-    for key in ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256"):
-        if fingerprint.get(key) != mine[key]:
-            raise ValueError(
-                f"{what}: generated for another base model ({fingerprint.get('name')!r}): {key} is "
-                f"{fingerprint.get(key)!r}, this model ({mine['name']!r}) has {mine[key]!r}")
+    return {"name": getattr(model.config, "name_or_path", "") or "", **base_dimensions(model),
+            "down_proj_sha256": digest.hexdigest(), "model_type": getattr(config, "model_type", "")}
 
 
 @dataclass
@@ -83,6 +74,13 @@ class Adapters:
         for key, size in dims.items():
             if key in self.base and self.base[key] != size:
                 fail("base", f"{key} = {size} (from the factors' shapes)", self.base[key])
+
+    def check_base(self, model: torch.nn.Module, name: str = "adapters") -> None:
+        """Refuse ``model`` (ValueError naming each difference) if these adapters were made for
+        another base model: `v2l_fast.compat.check_fits` on the two fingerprints."""
+        mine = base_fingerprint(model)
+        check_fits(name, "adapters", self.base, {key: mine[key] for key in _MATCHED},
+                   names=(self.base.get("name"), mine["name"]))
 
     def __len__(self) -> int:
         return self.A.shape[0]
@@ -132,8 +130,9 @@ class Adapters:
                          f"{path!r} with format {metadata.get('format')!r}")
                 A, B = f.get_tensor("A"), f.get_tensor("B")
         except (SafetensorError, FileNotFoundError, OSError) as err:
-            raise ValueError(f"path: cannot read adapters from {path!r}: {err}") from err
+            fail("path", "a readable v2l_fast adapters file", f"{path!r}, from which safetensors cannot read adapters: "
+                 f"{err}")
         adapters = cls(A, B, float(metadata["alpha"]), json.loads(metadata["base"]))
         if model is not None:
-            check_compatible(adapters.base, model, what=f"adapters in {path!r}")
+            adapters.check_base(model, name=f"adapters in {path!r}")
         return adapters

@@ -26,8 +26,9 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import load_file, save_file
 
+from v2l_fast.compat import base_dimensions, check_fits
 from v2l_fast.errors import fail
-from v2l_fast.hypernet.config import DEFAULT_HEAD_DIM, Frames2LoRAConfig, check_compatible
+from v2l_fast.hypernet.config import DEFAULT_HEAD_DIM, Frames2LoRAConfig
 from v2l_fast.hypernet.model import TARGET_MODULE, Frames2LoRA
 
 WEIGHTS_FILE = "model.safetensors"
@@ -286,7 +287,10 @@ def load_frames2lora(path_or_state_dict, *, expect=None, device=None) -> Frames2
         if "hypernet_config" in records:
             _check_pickled_config(config, records["hypernet_config"])
     if expect is not None:
-        check_compatible(config, expect)
+        wanted = base_dimensions(expect, "expect")
+        if isinstance(expect, Frames2LoRAConfig):
+            wanted["rank"] = expect.rank
+        check_fits("checkpoint", "a checkpoint", {**base_dimensions(config), "rank": config.rank}, wanted)
     return _build(config, state_dict, device).eval()
 
 

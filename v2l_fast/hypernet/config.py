@@ -109,29 +109,3 @@ class Frames2LoRAConfig:
             fail("config", f"only Frames2LoRAConfig fields {sorted(known)}", f"unknown keys {unknown}")
         return cls(**data)
 
-
-# (field, symbol) of the dimensions a base model fixes.
-_BASE_DIMENSIONS = (("num_layers", "L"), ("hidden_size", "H"), ("intermediate_size", "I"))
-
-
-def check_compatible(config: Frames2LoRAConfig, expect) -> None:
-    """Raise ValueError if ``config`` does not fit ``expect``, naming each differing dimension.
-
-    ``expect`` is a `Frames2LoRAConfig` (L, H, I and r are compared) or a transformers VLM /
-    text config (L, H and I are compared).
-    """
-    if isinstance(expect, Frames2LoRAConfig):
-        wanted = {name: getattr(expect, name) for name, _ in _BASE_DIMENSIONS}
-        wanted["rank"] = expect.rank
-    else:
-        try:
-            base = Frames2LoRAConfig.for_vlm(expect, rank=config.rank)
-        except ValueError:
-            fail("expect", "a Frames2LoRAConfig or a transformers VLM/text config",
-                 type(expect).__name__)
-        wanted = {name: getattr(base, name) for name, _ in _BASE_DIMENSIONS}
-    symbols = dict(_BASE_DIMENSIONS, rank="r")
-    differences = [f"{name} ({symbols[name]}) is {getattr(config, name)} in the checkpoint but "
-                   f"{value} expected" for name, value in wanted.items() if getattr(config, name) != value]
-    if differences:
-        raise ValueError("checkpoint: does not fit the expected base model: " + "; ".join(differences))
