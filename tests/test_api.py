@@ -11,9 +11,11 @@ import v2l_fast
 from v2l_fast.adapters import Adapters, base_fingerprint
 from v2l_fast.api import question_ids
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
+from v2l_fast.ops import resolve, use_backend
 from v2l_fast.testing import assert_rel_close, write_test_video
 from v2l_fast.vlm import LoRAPatch, VideoError, down_proj_targets
 from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
+from v2l_fast.vlm.features import inner_model
 
 
 def tiny_hypernet(model, seed: int = 0) -> Frames2LoRA:
@@ -181,3 +183,66 @@ def test_v2l_backend_switches_the_stack(monkeypatch, session):
     got = session.internalize([frames])
     assert_rel_close(got.A, ref.A, tol=1e-4)
     assert session.ask(got, ["What?"], max_new_tokens=3) == ref_answer
+
+
+@pytest.fixture
+def lora_backends_seen(session):
+    """The backend ``lora_sgmv`` resolves to (under the setting in force) at every forward of
+    the VLM body, i.e. inside the calls: feature extraction, prefill and decode."""
+    seen: list[str] = []
+
+    def record(module, args):
+        seen.append(resolve("lora_sgmv", "auto", session.vlm.device).backend)
+
+    handle = inner_model(session.vlm.model).register_forward_pre_hook(record)
+    yield seen
+    handle.remove()
+
+
+def test_backend_argument_is_what_the_ops_resolve_to_inside_the_call(monkeypatch, session, lora_backends_seen):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    automatic = resolve("lora_sgmv", "auto", session.vlm.device).backend
+    if automatic == "torch":
+        pytest.skip("auto picks torch for lora_sgmv here (v2l_fast._C not built, no GPU): nothing to switch from")
+    adapters = session.internalize([_frames(1, 9)], backend="torch")
+    answers = session.ask(adapters, ["What?"], max_new_tokens=2, backend="torch")
+    assert lora_backends_seen and set(lora_backends_seen) == {"torch"}
+    lora_backends_seen.clear()
+    assert session.ask(adapters, ["What?"], max_new_tokens=2) == answers  # "auto": auto's own choice
+    assert set(lora_backends_seen) == {automatic}
+    assert resolve("lora_sgmv", "auto", session.vlm.device).backend == automatic  # the scope ended with the call
+
+    lora_backends_seen.clear()
+    pinned = v2l_fast.Session(session.vlm, session.hypernet, backend="torch")
+    pinned.ask(adapters, ["What?"], max_new_tokens=2)
+    assert set(lora_backends_seen) == {"torch"}
+    lora_backends_seen.clear()
+    pinned.ask(adapters, ["What?"], max_new_tokens=2, backend=automatic)  # a call's backend= wins
+    assert set(lora_backends_seen) == {automatic}
+
+
+def test_backend_auto_keeps_the_enclosing_scope_and_the_environment(monkeypatch, session, lora_backends_seen):
+    adapters = session.internalize([_frames(1, 9)])
+    lora_backends_seen.clear()
+    with use_backend("torch"):
+        session.ask(adapters, ["What?"], max_new_tokens=2, backend="auto")
+    assert set(lora_backends_seen) == {"torch"}
+    lora_backends_seen.clear()
+    monkeypatch.setenv("V2L_BACKEND", "torch")
+    session.ask(adapters, ["What?"], max_new_tokens=2)
+    assert set(lora_backends_seen) == {"torch"}
+
+
+def test_bad_backend_is_a_clean_error_before_any_work(session, lora_backends_seen):
+    names = r"expected 'auto' or one of \('torch', 'triton', 'cuda', 'cpp'\)"
+    with pytest.raises(ValueError, match=rf"^backend: {names}, got 'nope'$"):
+        session.internalize([_frames(1, 9)], backend="nope")
+    with pytest.raises(ValueError, match=rf"^backend: {names}, got 'fast'$"):
+        v2l_fast.Session(session.vlm, session.hypernet, backend="fast")
+    with pytest.raises(ValueError, match=rf"^backend: {names}, got None$"):
+        v2l_fast.load(session.vlm, session.hypernet, backend=None)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"^backend: expected a backend that can run on cpu, got 'cuda', which "
+                           r"cannot: "):
+            session.ask(None, ["Hi?"], backend="cuda")
+    assert lora_backends_seen == []

@@ -6,21 +6,27 @@
     answers = session.ask(adapters, ["What happens?", "Who is there?"])
 
 `internalize` and `ask` are also plain functions taking ``vlm=`` (a `VLM`) and ``hypernet=``.
-Everything runs through `v2l_fast.ops`, so ``V2L_BACKEND`` switches the kernels of the whole
-stack (the hypernetwork's Perceiver and the answer model's LoRA).
+Everything runs through `v2l_fast.ops`, so one backend setting switches the kernels of the
+whole stack (the hypernetwork's Perceiver and SwiGLU, the answer model's LoRA): ``backend=``
+on `load`, `Session` or a call runs it inside `v2l_fast.ops.use_backend`; the default
+``"auto"`` keeps the setting in force (an enclosing `use_backend`, else ``$V2L_BACKEND``,
+else each op's automatic choice).
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
+from contextlib import contextmanager
 
 import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from v2l_fast.adapters import Adapters, base_fingerprint, check_compatible
+from v2l_fast.adapters import Adapters, base_fingerprint
+from v2l_fast.compat import base_dimensions, check_fits
 from v2l_fast.errors import fail
+from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
 from v2l_fast.vlm.features import extract_features
 from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN, build_video_batch
 from v2l_fast.vlm.load import VLM, load_smolvlm
@@ -59,19 +65,33 @@ def _chunks(n: int, batch_size: int | None, progress: bool | None, desc: str):
         yield start, min(start + size, n)
 
 
-def check_hypernet_matches(hypernet, model: torch.nn.Module) -> None:
-    """Refuse a hypernetwork built for other text dimensions than ``model``'s."""
-    targets = down_proj_targets(model)
-    mine = {"num_layers": len(targets), "hidden_size": targets[0].out_features,
-            "intermediate_size": targets[0].in_features}
-    for key, value in mine.items():
-        theirs = getattr(hypernet.config, key)
-        if theirs != value:
-            fail("hypernet", f"a hypernetwork for this model's {key} = {value}", f"{key} = {theirs}")
+def _check_backend(backend: str, device: torch.device) -> None:
+    if backend == "auto":
+        return
+    if backend not in BACKENDS:
+        fail("backend", f"'auto' or one of {BACKENDS}", repr(backend))
+    missing = runtime_missing(backend, device)
+    if missing:
+        fail("backend", f"a backend that can run on {device}", f"{backend!r}, which cannot: {missing}")
+
+
+@contextmanager
+def _backend_scope(backend: str, device: torch.device):
+    """Run the block with ``backend`` for every op (``"auto"``: the setting in force)."""
+    _check_backend(backend, device)
+    if backend == "auto":
+        yield
+    else:
+        with use_backend(backend):
+            yield
+
+
+def _check_hypernet(hypernet, model: torch.nn.Module) -> None:
+    check_fits("hypernet", "a hypernetwork", base_dimensions(hypernet.config), base_dimensions(model))
 
 
 def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRUCTION,
-                batch_size: int | None = None, progress: bool | None = None) -> Adapters:
+                batch_size: int | None = None, progress: bool | None = None, backend: str = "auto") -> Adapters:
     """Turn videos into LoRA adapters: one VLM forward and one hypernetwork forward per batch.
 
     Args:
@@ -83,27 +103,30 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
         instruction: the internalisation text after the video (spec §2 default).
         batch_size: videos per forward (None: all at once).
         progress: tqdm bar (None: shown when there is more than one batch).
+        backend: kernel backend of every op (``"torch"``, ``"triton"``, ``"cuda"``, ``"cpp"``;
+            ``"auto"``: the setting in force), refused up front if it cannot run here.
 
     Returns:
         `Adapters` with one adapter per video, in order, tagged with the VLM's fingerprint.
     """
     videos = _as_list(videos, "videos", (str, os.PathLike, Video))
-    check_hypernet_matches(hypernet, vlm.model)
+    _check_hypernet(hypernet, vlm.model)
     if is_patched(vlm.model):
         fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
              "a patched model")
     hn_device = next(hypernet.parameters()).device
     A, B, alpha = [], [], None
-    for start, end in _chunks(len(videos), batch_size, progress, "internalize"):
-        clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
-        batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
-                                  pad_token_id=_pad_id(vlm.tokenizer))
-        features, mask = extract_features(vlm.model, batch)
-        with torch.no_grad():
-            out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
-        A.append(out.A)
-        B.append(out.B)
-        alpha = out.alpha
+    with _backend_scope(backend, hn_device):
+        for start, end in _chunks(len(videos), batch_size, progress, "internalize"):
+            clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
+            batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
+                                      pad_token_id=_pad_id(vlm.tokenizer))
+            features, mask = extract_features(vlm.model, batch)
+            with torch.no_grad():
+                out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
+            A.append(out.A)
+            B.append(out.B)
+            alpha = out.alpha
     return Adapters(torch.cat(A), torch.cat(B), alpha, base_fingerprint(vlm.model))
 
 
@@ -120,7 +143,7 @@ def question_ids(tokenizer, prompt: str) -> list[int]:
 
 
 def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
-        batch_size: int | None = None, progress: bool | None = None) -> list[str]:
+        batch_size: int | None = None, progress: bool | None = None, backend: str = "auto") -> list[str]:
     """Answer text-only prompts with the VLM, adapter i applied to prompt i; zero visual tokens.
 
     Args:
@@ -131,6 +154,7 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
         max_new_tokens: greedy decoding length limit (spec §8: 128).
         batch_size: prompts per ``generate`` call (None: all at once; left padding).
         progress: tqdm bar (None: shown when there is more than one batch).
+        backend: kernel backend of the LoRA (as `internalize`'s).
 
     Returns:
         The decoded answers (special tokens skipped, whitespace stripped), in order.
@@ -145,7 +169,7 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
         if len(adapters) != len(prompts):
             fail("adapters", f"one adapter per prompt ({len(prompts)} prompts; index adapters to repeat one)",
                  f"{len(adapters)} adapters")
-        check_compatible(adapters.base, vlm.model)
+        adapters.check_base(vlm.model)
     tokenizer, model = vlm.tokenizer, vlm.model
     visual_ids = {model.config.image_token_id}
     for token in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN):
@@ -159,11 +183,12 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
                  repr(prompts[i][:80]))
     answers: list[str] = []
     pad = _pad_id(tokenizer)
-    for start, end in _chunks(len(prompts), batch_size, progress, "ask"):
-        input_ids, attention_mask = _left_pad(ids[start:end], pad, vlm.device)
-        chunk = adapters[start:end].to(vlm.device) if adapters is not None else None
-        answers += _generate(model, chunk, input_ids, attention_mask, max_new_tokens, pad,
-                             tokenizer.eos_token_id, tokenizer)
+    with _backend_scope(backend, vlm.device):
+        for start, end in _chunks(len(prompts), batch_size, progress, "ask"):
+            input_ids, attention_mask = _left_pad(ids[start:end], pad, vlm.device)
+            chunk = adapters[start:end].to(vlm.device) if adapters is not None else None
+            answers += _generate(model, chunk, input_ids, attention_mask, max_new_tokens, pad,
+                                 tokenizer.eos_token_id, tokenizer)
     return answers
 
 
@@ -192,18 +217,25 @@ def _generate(model, adapters, input_ids, attention_mask, max_new_tokens, pad, e
 
 
 class Session:
-    """A VLM and its hypernetwork, held together: `internalize`, `ask`, `load_adapters`."""
+    """A VLM and its hypernetwork, held together: `internalize`, `ask`, `load_adapters`.
 
-    def __init__(self, vlm: VLM, hypernet):
-        check_hypernet_matches(hypernet, vlm.model)
-        self.vlm, self.hypernet = vlm, hypernet
+    ``backend`` is the kernel backend of the session's calls (``"auto"``: the setting in force
+    at each call); a call's own ``backend=`` overrides it.
+    """
+
+    def __init__(self, vlm: VLM, hypernet, *, backend: str = "auto"):
+        _check_hypernet(hypernet, vlm.model)
+        _check_backend(backend, vlm.device)
+        self.vlm, self.hypernet, self.backend = vlm, hypernet, backend
 
     def internalize(self, videos, **kwargs) -> Adapters:
-        """`internalize` with this session's models."""
+        """`internalize` with this session's models (and backend, unless ``backend=`` is given)."""
+        kwargs.setdefault("backend", self.backend)
         return internalize(videos, vlm=self.vlm, hypernet=self.hypernet, **kwargs)
 
     def ask(self, adapters: Adapters | None, prompts, **kwargs) -> list[str]:
-        """`ask` with this session's VLM."""
+        """`ask` with this session's VLM (and backend, unless ``backend=`` is given)."""
+        kwargs.setdefault("backend", self.backend)
         return ask(adapters, prompts, vlm=self.vlm, **kwargs)
 
     def load_adapters(self, path: str | os.PathLike) -> Adapters:
@@ -212,7 +244,7 @@ class Session:
 
 
 def load(vlm: str | os.PathLike | VLM, hypernet, *, dtype: torch.dtype = torch.bfloat16,
-         device: str | torch.device | None = None, **vlm_kwargs) -> Session:
+         device: str | torch.device | None = None, backend: str = "auto", **vlm_kwargs) -> Session:
     """Load a `Session`: a SmolVLM2 (hub id, directory or `VLM`) and a Frames2LoRA hypernetwork.
 
     Args:
@@ -221,13 +253,15 @@ def load(vlm: str | os.PathLike | VLM, hypernet, *, dtype: torch.dtype = torch.b
             or a `Frames2LoRA` module.
         dtype: VLM weight dtype when loading it (the hypernetwork keeps its own, fp32).
         device: where to run (None: CUDA when available, else CPU).
+        backend: the `Session`'s kernel backend (``"auto"``: the setting in force at each call).
         vlm_kwargs: passed to `load_smolvlm` (``tokenizer=``, ``max_frames=`` …).
     """
     from v2l_fast.hypernet import load_frames2lora
 
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    _check_backend(backend, device)  # before any weights are read
     if not isinstance(vlm, VLM):
         vlm = load_smolvlm(vlm, dtype=dtype, device=device, **vlm_kwargs)
     if not isinstance(hypernet, torch.nn.Module):
         hypernet = load_frames2lora(hypernet, expect=vlm.model.config, device=vlm.device)
-    return Session(vlm, hypernet.to(vlm.device).eval())
+    return Session(vlm, hypernet.to(vlm.device).eval(), backend=backend)

@@ -12,7 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
-from v2l_fast.ops.backends import BACKENDS, ENV_VAR, resolve, runtime_missing
+from v2l_fast.ops.registry import BACKENDS, ENV_VAR, resolve, runtime_missing, use_backend
 
 PROG = "v2l-fast"
 EXIT_BAD_INPUT = 2
@@ -47,7 +47,7 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, dtype: bool = True) 
         parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
                             help="VLM weight dtype (default: bf16, as the official pipeline)")
     parser.add_argument("--backend", choices=("auto", *BACKENDS),
-                        help=f"kernel backend for every op (sets ${ENV_VAR}; default: ${ENV_VAR} or auto)")
+                        help=f"kernel backend for every op that has it (default: ${ENV_VAR}, else auto)")
 
 
 def pick_device(name: str | None) -> torch.device:
@@ -68,18 +68,19 @@ def pick_device(name: str | None) -> torch.device:
 
 @contextmanager
 def backend_scope(name: str | None, device: torch.device):
-    """Route every op to backend ``name`` (through ``$V2L_BACKEND``) for the block, then restore.
+    """Run the block with backend ``name`` for every op (`use_backend`; None: ``$V2L_BACKEND``
+    or auto), refused up front when it cannot run on ``device``.
 
-    Triton on CPU tensors runs under the interpreter, so it is switched on for that case; it
-    must be on before triton is imported, which is why this wraps every command.
+    Triton on CPU tensors runs under the interpreter, so it is switched on for that case (and
+    switched back after); it must be on before triton is imported, which is why this wraps
+    every command.
     """
     if name is None:
         yield
         return
-    saved = {key: os.environ.get(key) for key in (ENV_VAR, "TRITON_INTERPRET")}
+    saved = os.environ.get("TRITON_INTERPRET")
     try:
-        os.environ[ENV_VAR] = name
-        if name == "triton" and device.type == "cpu" and saved["TRITON_INTERPRET"] in (None, "", "0"):
+        if name == "triton" and device.type == "cpu" and saved in (None, "", "0"):
             if "triton" in sys.modules:
                 raise ValueError("--backend triton on the CPU needs the Triton interpreter, which must be on "
                                  "before triton is imported: set TRITON_INTERPRET=1 in the environment")
@@ -87,30 +88,21 @@ def backend_scope(name: str | None, device: torch.device):
         missing = None if name == "auto" else runtime_missing(name, device)
         if missing:
             raise ValueError(f"--backend {name}: cannot run here: {missing}")
-        yield
+        with use_backend(name):
+            yield
     finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
+        if saved is None:
+            os.environ.pop("TRITON_INTERPRET", None)
+        else:
+            os.environ["TRITON_INTERPRET"] = saved
 
 
 def backends_in_use(device: torch.device) -> dict[str, str]:
-    """The backend ``auto`` picks for each op of the stack on ``device`` (``$V2L_BACKEND`` included)."""
-    import v2l_fast.ops  # noqa: F401  (registers the ops)
+    """The backend each op of the stack runs on ``device`` under the setting in force (the
+    ``--backend`` scope, else ``$V2L_BACKEND``, else auto's choice)."""
+    import v2l_fast.ops  # noqa: F401  (defines the ops)
 
-    chosen = {}
-    for op in STACK_OPS:
-        impl = resolve(op, "auto", device)
-        for name in BACKENDS:
-            try:
-                if resolve(op, name, device) is impl:
-                    chosen[op] = name
-                    break
-            except RuntimeError:  # this op has no such backend, or it cannot run here
-                continue
-    return chosen
+    return {op: resolve(op, "auto", device).backend for op in STACK_OPS}
 
 
 def format_backends(device: torch.device) -> str:

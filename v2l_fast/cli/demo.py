@@ -18,7 +18,7 @@ import torch
 
 import v2l_fast
 from v2l_fast.cli.common import PROG, Stages, add_runtime_options, format_backends, positive_int, shape
-from v2l_fast.ops.backends import ENV_VAR
+from v2l_fast.ops.registry import current_backend
 
 DEMO_QUESTIONS = ("What is moving in the video?", "What colour is the square?", "Where does the circle go?")
 RANDOM_WEIGHTS_WARNING = (
@@ -170,7 +170,7 @@ def run_demo(args, device: torch.device) -> int:
              f"with the loaded adapters: {'identical' if same else 'DIFFERENT'}")
         backends = format_backends(device)
         interpreted = device.type == "cpu" and "=triton" in backends
-        _row("backend", f"{args.backend or os.environ.get(ENV_VAR) or 'auto'}: {backends}"
+        _row("backend", f"{current_backend()}: {backends}"
              + (" (Triton interpreter on the CPU: slow, a correctness check only)" if interpreted else ""))
 
     print("\nanswers (meaningless: random weights)")

@@ -1,4 +1,5 @@
-"""``v2l-fast info``: versions, how ``v2l_fast._C`` was built, the backends that run here."""
+"""``v2l-fast info``: versions, how ``v2l_fast._C`` was built, the backends that run here (and
+why the others cannot), and the backend ``auto`` picks for each op of the stack on each device."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 
 import v2l_fast
 from v2l_fast.cli.common import format_backends
-from v2l_fast.ops.backends import BACKENDS, runtime_missing
+from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
 
 
 def add_parser(commands) -> None:
@@ -44,6 +45,7 @@ def run_info(args, device: torch.device) -> int:
         if name not in available:
             print(f"  {name}: {runtime_missing(name)}")
     devices = [torch.device("cpu")] + ([torch.device("cuda")] if torch.cuda.is_available() else [])
-    for device in devices:
-        print(f"auto on {device.type}: {format_backends(device)}")
+    with use_backend("auto"):  # what auto picks, whatever $V2L_BACKEND says
+        for device in devices:
+            print(f"auto on {device.type}: {format_backends(device)}")
     return 0
