@@ -1,6 +1,6 @@
 """Argument checks of the public ops, one function per op, run once before any backend.
 
-Each takes the op's bound arguments (a namespace with one attribute per parameter of the
+Each takes the op's bound arguments (`Arguments`: one attribute per parameter of the
 op's reference signature) and raises the project's ValueError naming the offending argument
 (`v2l_fast.errors`). Shape, dtype and device checks read metadata only and always run; the
 data-dependent ones (``values=True``) read tensors, so they synchronise with a GPU and are
@@ -10,15 +10,18 @@ skipped with ``check=False`` in a hot loop.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
+from typing import TYPE_CHECKING
 
 import torch
 
 from v2l_fast.errors import check_dim, check_tensor, describe, fail
 from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata
 
+if TYPE_CHECKING:
+    from v2l_fast.ops.registry import Arguments
 
-def lora_sgmv(a: SimpleNamespace, *, values: bool = True) -> None:
+
+def lora_sgmv(a: Arguments, *, values: bool = True) -> None:
     """Validate `lora_sgmv` arguments; raise ValueError naming the offending one.
 
     Shape, dtype and device checks are free (metadata only) and always run. ``values``
@@ -85,7 +88,7 @@ def _lora_sgmv_metadata(metadata: object, num_tokens: int, num_adapters: int, de
         fail("metadata", f"tensors on {device}", metadata.sorted_tokens.device)
 
 
-def perceiver_attention(a: SimpleNamespace, *, values: bool = True) -> None:
+def perceiver_attention(a: Arguments, *, values: bool = True) -> None:
     """Validate `perceiver_attention` arguments; raise ValueError naming the offending one.
 
     ``values`` adds the data-dependent check that no context row is fully masked.
@@ -134,7 +137,7 @@ def perceiver_attention(a: SimpleNamespace, *, values: bool = True) -> None:
         fail("context_mask", "at least one kept token in every row", f"all-masked rows {empty}")
 
 
-def swiglu_mlp(a: SimpleNamespace, *, values: bool = True) -> None:
+def swiglu_mlp(a: Arguments, *, values: bool = True) -> None:
     """Validate `swiglu_mlp` arguments; raise ValueError naming the offending one (no data checks)."""
     x, gate_weight, up_weight, down_weight = a.x, a.gate_weight, a.up_weight, a.down_weight
     check_tensor("x", x, floating=True, shape_hint="[..., H]")
@@ -153,7 +156,7 @@ def swiglu_mlp(a: SimpleNamespace, *, values: bool = True) -> None:
         fail("down_weight", f"shape [D, {F_}]", describe(down_weight))
 
 
-def compose_adapters(a: SimpleNamespace, *, values: bool = True) -> None:
+def compose_adapters(a: Arguments, *, values: bool = True) -> None:
     """Validate `compose_adapters` arguments; raise ValueError naming the offending one (no data checks)."""
     As, Bs, weights, bias, max_rank = a.As, a.Bs, a.weights, a.bias, a.max_rank
     if not isinstance(As, Sequence) or not isinstance(Bs, Sequence) or len(As) == 0:

@@ -42,7 +42,6 @@ import os
 import re
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from types import SimpleNamespace
 
 import torch
 
@@ -133,6 +132,14 @@ def available_backends(op: str | None = None) -> list[str]:
     return [b for b in BACKENDS if b in implemented and runtime_missing(b) is None]
 
 
+class Arguments:
+    """The bound arguments of one op call, one attribute per parameter (what checks and prepare read)."""
+
+    def __init__(self, **values):
+        for name, value in values.items():
+            setattr(self, name, value)
+
+
 @dataclass(frozen=True)
 class Resolved:
     """One op's implementation for one backend: call it with the op's kernel arguments.
@@ -165,6 +172,7 @@ class Op:
     def __init__(self, name: str, auto: dict[str, tuple[str, ...]], schema: str | None, fake: Callable | None):
         self.name, self.auto = name, auto
         self.backends: dict[str, Callable | str] = {}
+        self._resolved_cache: dict[str, tuple[Callable | str, Resolved]] = {}
         self.library_op = _define_library_op(self, schema, fake) if schema is not None else None
 
     def register(self, backend: str, impl: Callable | str) -> None:
@@ -174,34 +182,41 @@ class Op:
         self.backends[backend] = impl
 
     def _resolved(self, backend: str) -> Resolved:
-        impl = self.backends[backend]
-        if isinstance(impl, str):
-            impl = self.backends[backend] = _load(impl)
-        return Resolved(self.name, backend, impl, self.library_op)
+        source = self.backends[backend]
+        cached = self._resolved_cache.get(backend)
+        if cached is None or cached[0] is not source:  # first use, or re-registered
+            resolved = Resolved(self.name, backend, _load(source), self.library_op)
+            cached = self._resolved_cache[backend] = (source, resolved)
+        return cached[1]
 
-    def resolve(self, backend: str, device: torch.device) -> Resolved:
-        """The implementation for ``backend`` (``"auto"``: the setting in force) on ``device``.
+    @torch.compiler.assume_constant_result
+    def choose(self, backend: str, device: torch.device) -> str:
+        """The backend to run for ``backend`` (``"auto"``: the setting in force) on ``device``.
 
-        Raises ValueError for an unknown backend name and RuntimeError naming what is missing
-        when the requested backend cannot run.
+        A host-side decision: under torch.compile it runs once while tracing and its answer is
+        a constant of the graph. Raises ValueError for an unknown backend name and
+        RuntimeError naming what is missing when the requested backend cannot run.
         """
         requested = _check_backend_name(backend)
         if requested == "auto":
             setting = current_backend()
             requested = setting if setting in self.backends else "auto"
         if requested == "auto":
-            for name in self.auto.get("cuda" if device.type == "cuda" else "cpu", ("torch",)):
-                if name in self.backends and runtime_missing(name, device) is None and not (
-                        name == "triton" and device.type == "cpu"):
-                    return self._resolved(name)
-            return self._resolved("torch")
-        if requested not in self.backends:
+            order = self.auto.get("cuda" if device.type == "cuda" else "cpu", ())
+            requested = next((name for name in order if name in self.backends and runtime_missing(name, device) is None
+                              and not (name == "triton" and device.type == "cpu")), "torch")
+        elif requested not in self.backends:
             raise RuntimeError(f"{self.name} has no {requested!r} backend (it has: {', '.join(sorted(self.backends))})")
-        missing = runtime_missing(requested, device)
-        if missing:
-            raise RuntimeError(f"{self.name}: backend {requested!r} cannot run: {missing}")
-        return self._resolved(requested)
+        else:
+            missing = runtime_missing(requested, device)
+            if missing:
+                raise RuntimeError(f"{self.name}: backend {requested!r} cannot run: {missing}")
+        self._resolved(requested)  # loads it now, outside any traced code
+        return requested
 
+    def resolve(self, backend: str, device: torch.device) -> Resolved:
+        """The `Resolved` implementation of `choose`'s answer."""
+        return self._resolved(self.choose(backend, device))
 
 def get_op(name: str) -> Op:
     """The definition of op ``name`` (KeyError-free: an unknown name is a ValueError)."""
@@ -296,7 +311,9 @@ def _define_library_op(op: Op, schema: str, fake: Callable) -> Callable:
         inputs = _unflatten(ctx.saved_tensors, ctx.layout)
         needs = [bool(need) and isinstance(t, torch.Tensor) for t, need in zip(inputs, ctx.needs_input_grad)]
         grads = iter(backward_op(grad, needs, *inputs))
-        return tuple(next(grads) if need else None for need in needs)
+        # One entry per input, shaped like it: a list input (metadata tensors) gets a list of Nones.
+        return tuple(next(grads) if need else [None] * len(t) if isinstance(t, list) else None
+                     for t, need in zip(inputs, needs))
 
     _library.impl(name, forward, "CompositeExplicitAutograd")
     _library.impl(f"{name}_backward", backward_kernel, "CompositeExplicitAutograd")
@@ -322,7 +339,7 @@ def define_op(reference: Callable, *, check: Callable, device_of: Callable, auto
 
     The public function has the reference's signature and docs, plus ``extras`` (keyword
     arguments with defaults that only the dispatching op takes), ``check=True`` and
-    ``backend="auto"``. A call binds the arguments into a namespace ``a``, runs
+    ``backend="auto"``. A call binds the arguments into `Arguments` ``a``, runs
     ``check(a, values=check)``, resolves the backend on ``device_of(a)`` and returns
     ``prepare(a, resolved)``, which calls ``resolved(...)`` with the kernel arguments; without
     ``prepare`` those are the reference's arguments in order. ``schema`` (with ``fake``, both
@@ -346,7 +363,7 @@ def define_op(reference: Callable, *, check: Callable, device_of: Callable, auto
     def public(*args, **kwargs):
         bound = public_signature.bind(*args, **kwargs)
         bound.apply_defaults()
-        a = SimpleNamespace(**bound.arguments)
+        a = Arguments(**bound.arguments)
         check(a, values=a.check)
         return prepare(a, op.resolve(a.backend, device_of(a)))
 

@@ -25,7 +25,6 @@ thread (or one model copy per thread).
 from __future__ import annotations
 
 from collections.abc import Sequence
-from types import SimpleNamespace
 
 import torch
 
@@ -33,6 +32,7 @@ from v2l_fast import ops
 from v2l_fast.errors import check_dim, check_tensor, describe, fail
 from v2l_fast.ops import checks
 from v2l_fast.ops.lora_sgmv import kernel_segments
+from v2l_fast.ops.registry import Arguments
 
 
 def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
@@ -141,7 +141,7 @@ class LoRAPatch:
         self.row_adapters = row_adapters
         rows = A.shape[0] if row_adapters is None else row_adapters.shape[0]
         indptr, adapters = self._build_segments(rows, 1, device)
-        checks.lora_sgmv(SimpleNamespace(x=A.new_zeros(rows, A.shape[-1]), A=A, B=B, seg_indptr=indptr,
+        checks.lora_sgmv(Arguments(x=A.new_zeros(rows, A.shape[-1]), A=A, B=B, seg_indptr=indptr,
                                          seg_adapter=adapters, ranks=ranks, layer=0, base=None), values=True)
         self._segments: dict[tuple, tuple] = {}
         self._handles = [module.register_forward_hook(_LoRAHook(self, layer))
