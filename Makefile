@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.v2l-installed
 
-.PHONY: setup test lint bench clean demo
+.PHONY: setup test lint bench clean demo gpu gpu-wheels
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	python3 -m venv $(VENV)
@@ -35,3 +35,21 @@ bench: setup
 
 clean:
 	rm -rf $(VENV) build *.egg-info v2l_fast/_C*.so
+
+# GPU runbook (see bench/NOTES.md, "GPU runbook"): on a GPU machine with torch, triton,
+# transformers and peft preinstalled and no package registry, install v2l_fast offline into that
+# python (no venv), build the CUDA extension, then run the kernel benches, `pytest -m gpu tests/`
+# and the end-to-end bench in timed stages. DRY_RUN=1 prints and checks the plan, running nothing.
+# GPU_BUDGET=S fits the run into S seconds; RESUME=1 skips stages done in an earlier run;
+# GPU_STAGES=a,b runs only those; GPU_OUT=DIR receives the stage log and a results tarball.
+GPU_PYTHON ?= python3
+GPU_ARGS ?=
+gpu:
+	$(GPU_PYTHON) scripts/gpu_runbook.py $(if $(DRY_RUN),--dry-run) $(if $(RESUME),--resume) \
+		$(if $(GPU_BUDGET),--budget $(GPU_BUDGET)) $(if $(GPU_STAGES),--stages $(GPU_STAGES)) \
+		$(if $(GPU_OUT),--out $(GPU_OUT)) $(GPU_ARGS)
+
+# Prep for `make gpu`, on a machine where pip reaches a registry: the wheels the GPU machine
+# lacks (PyAV, num2words, docopt) for its python 3.12 / x86-64, into wheels/ (git-ignored).
+gpu-wheels:
+	python3 scripts/gpu_wheels.py
