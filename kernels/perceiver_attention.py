@@ -283,7 +283,7 @@ def perceiver_attention_splits(latents, context, context_mask, q_weight, k_weigh
 
 
 def perceiver_attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
-                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps):
+                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
     """The Triton backend of `v2l_fast.ops.perceiver_attention` (arguments validated by the op).
 
     Same result and gradients as the reference; gradients flow to the latents, every weight

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import math
 
 import pytest
 import torch
 from golden import OFFICIAL_CKPT, golden_tensors
 
+from v2l_fast import ops
 from v2l_fast.hypernet import (
     Frames2LoRA,
     Frames2LoRAConfig,
@@ -16,7 +18,7 @@ from v2l_fast.hypernet import (
 )
 from v2l_fast.hypernet.model import l2_normalize
 from v2l_fast.hypernet.perceiver import PerceiverLayer
-from v2l_fast.ops import backends
+from v2l_fast.ops.registry import runtime_missing
 from v2l_fast.testing import assert_rel_close, rel_error
 from v2l_fast.vlm.factory import smolvlm_config
 
@@ -107,26 +109,41 @@ def test_fixture_alpha_is_applied_undivided(hypernet, fixture):
         assert rel_error(base, fixture["lora.out"][layer]) > 1e-3  # the delta matters here
 
 
+# Each backend's implementations by import path, so that the test holds the kernels themselves to
+# the fixture whatever the registry currently maps the backend name to.
+KERNELS = {
+    "torch": {"perceiver_attention": "v2l_fast.kernels.perceiver_attention_torch:perceiver_attention",
+              "swiglu_mlp": "v2l_fast.kernels.swiglu_mlp_torch:swiglu_mlp"},
+    "triton": {"perceiver_attention": "v2l_fast.kernels.perceiver_attention:perceiver_attention",
+               "swiglu_mlp": "v2l_fast.kernels.swiglu_mlp:swiglu_mlp"},
+}
+
+
 @torch.no_grad()
-def test_fixture_through_triton_backend(fixture, device, monkeypatch):
-    """``$V2L_BACKEND`` switches the Perceiver's attention to the Triton kernel."""
-    missing = backends.runtime_missing("triton", device)
+@pytest.mark.parametrize("backend", list(KERNELS))
+def test_fixture_through_each_backend(backend, fixture, device, monkeypatch):
+    """`use_backend` switches every Perceiver op to the backend's kernels; adapters stay official."""
+    missing = runtime_missing(backend, device)
     if missing:
         pytest.skip(missing)
-    kernel, calls = backends._load("perceiver_attention", "triton"), []
+    calls = {op: 0 for op in KERNELS[backend]}
+    for op, path in KERNELS[backend].items():
+        module, name = path.split(":")
+        kernel = getattr(importlib.import_module(module), name)
 
-    def counting_kernel(*args, **kwargs):
-        calls.append(1)
-        return kernel(*args, **kwargs)
+        def counting(*args, op=op, kernel=kernel):
+            calls[op] += 1
+            return kernel(*args)
 
-    monkeypatch.setitem(backends._implementations["perceiver_attention"], "triton", counting_kernel)
-    monkeypatch.setenv("V2L_BACKEND", "triton")
+        monkeypatch.setitem(getattr(ops, op).op.backends, backend, counting)
     model = load_frames2lora(OFFICIAL_CKPT, device=device)
-    out = model.generate(fixture["in.features"].to(device), fixture["in.mask"].to(device),
-                         autocast=False)
-    assert len(calls) == model.config.num_blocks + 1  # every encoder layer and the decoder
-    # On a GPU the kernel's fp32 dots may use TF32.
-    tol = FIXTURE_TOL if device.type == "cpu" else 1e-3
+    with ops.use_backend(backend):
+        out = model.generate(fixture["in.features"].to(device), fixture["in.mask"].to(device),
+                             autocast=False)
+    blocks = model.config.num_blocks + 1  # every encoder layer and the decoder
+    assert calls == {"perceiver_attention": blocks, "swiglu_mlp": blocks + 1}  # + the projection
+    # On a GPU the Triton kernels' fp32 dots may use TF32.
+    tol = FIXTURE_TOL if device.type == "cpu" or backend == "torch" else 1e-3
     assert_rel_close(out.A.cpu(), fixture["out.A_combined"], tol=tol)
     assert_rel_close(out.B.cpu(), fixture["out.B_combined"], tol=tol)
 

@@ -1,22 +1,40 @@
-"""Triton `perceiver_attention` (kernels/perceiver_attention.py) against the reference.
-
-Runs under TRITON_INTERPRET=1 without a GPU (fp32, fp16); bf16 only on a GPU.
+"""The `perceiver_attention` backends against the reference (fp64): the torch implementation with
+K/V absorbed (kernels/perceiver_attention_torch.py) and the Triton kernels
+(kernels/perceiver_attention.py, under TRITON_INTERPRET=1 without a GPU: fp32, fp16; bf16 only
+on a GPU).
 """
 
 from __future__ import annotations
+
+import functools
 
 import pytest
 import torch
 
 from v2l_fast import ops
-from v2l_fast.ops.backends import resolve
+from v2l_fast.kernels import perceiver_attention_torch
 from v2l_fast.reference import perceiver_attention as reference
 from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
 
-kernel = pytest.importorskip("v2l_fast.kernels.perceiver_attention")
-
 WEIGHTS = ("q_weight", "k_weight", "v_weight", "o_weight", "latents_norm_weight",
            "context_norm_weight")
+EPS = 1e-6
+
+
+def triton_module():
+    return pytest.importorskip("v2l_fast.kernels.perceiver_attention")
+
+
+def implementation(name: str, num_splits: int | None = None):
+    """A backend's kernel-level function, called with the op's arguments in order."""
+    if name == "torch":
+        return perceiver_attention_torch.perceiver_attention
+    return functools.partial(triton_module().perceiver_attention_splits, num_splits=num_splits)
+
+
+# (backend, forced key splits of the Triton kernel): 1 split, several, the device heuristic.
+IMPLEMENTATIONS = [("torch", None), ("triton", 1), ("triton", 3), ("triton", None)]
+IMPL_IDS = ["torch", "triton-1split", "triton-3splits", "triton-auto"]
 
 
 def make_inputs(N, Q, S, D, nh, nkv, hd, dtype, device, seed):
@@ -40,14 +58,31 @@ def ragged_mask(M, S, gen, device):
     return (torch.arange(S)[None, :] < lengths[:, None]).to(device=device, dtype=torch.int8)
 
 
-def call(fn, inputs, mask, nh, nkv, **kw):
-    weights = {k: inputs[k] for k in WEIGHTS}
-    return fn(inputs["latents"], inputs["context"], mask, **weights, num_heads=nh,
-              num_kv_heads=nkv, **kw)
+def call(fn, inputs, mask, nh, nkv):
+    """A kernel-level backend function: every argument positional, as the op passes them."""
+    return fn(inputs["latents"], inputs["context"], mask, *(inputs[k] for k in WEIGHTS), nh, nkv, EPS)
 
 
-def fp64_reference(inputs, mask, nh, nkv, **kw):
-    return call(reference, {k: v.detach().double() for k, v in inputs.items()}, mask, nh, nkv, **kw)
+def call_reference(inputs, mask, nh, nkv):
+    return reference(inputs["latents"], inputs["context"], mask, **{k: inputs[k] for k in WEIGHTS},
+                     num_heads=nh, num_kv_heads=nkv, eps=EPS)
+
+
+def fp64_reference(inputs, mask, nh, nkv):
+    return call_reference({k: v.detach().double() for k, v in inputs.items()}, mask, nh, nkv)
+
+
+def assert_gradients_match(fn, inputs, mask, nh, nkv, grad_out):
+    """Gradients of every input that requires grad against the fp64 reference's; none is NaN."""
+    names = [k for k, t in inputs.items() if t.requires_grad]
+    grads = torch.autograd.grad(call(fn, inputs, mask, nh, nkv), [inputs[k] for k in names], grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
+    ref_grads = torch.autograd.grad(call_reference(ref_inputs, mask, nh, nkv),
+                                    [ref_inputs[k] for k in names], grad_out.double())
+    for name, g, r in zip(names, grads, ref_grads):
+        err = rel_error(g.float(), r.float())
+        assert err <= REL_TOLERANCE[torch.float32], f"d{name}: relative error {err:.2e}"
+    return names
 
 
 @pytest.fixture
@@ -74,93 +109,113 @@ SHAPES = [
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
 @pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", SHAPES)
-@pytest.mark.parametrize("num_splits", [1, 3, None])
-def test_forward_matches_reference(N, M, Q, S, D, nh, nkv, hd, dtype, num_splits, device,
+@pytest.mark.parametrize("backend,num_splits", IMPLEMENTATIONS, ids=IMPL_IDS)
+def test_forward_matches_reference(backend, num_splits, N, M, Q, S, D, nh, nkv, hd, dtype, device,
                                    poisoned_empty):
+    fn = implementation(backend, num_splits)
     seed = N * 1000 + S + D + (num_splits or 0)
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, dtype, device, seed)
     mask = None if M is None else ragged_mask(M, S, torch.Generator().manual_seed(seed), device)
-    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=num_splits)
+    out = call(fn, inputs, mask, nh, nkv)
     assert out.dtype == dtype and out.shape == (N, Q, D)
     assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv).to(dtype), dtype)
 
 
-def test_bool_mask_non_contiguous_inputs(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_bool_mask_non_contiguous_inputs(backend, device):
+    fn = implementation(backend, num_splits=2)
     N, Q, S, D, nh, nkv, hd = 4, 8, 90, 32, 4, 2, 16
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 7)
     # Strided views: every other token of a longer context, latents transposed in memory.
     inputs["context"] = torch.randn(N, 2 * S, D, device=device)[:, ::2]
     inputs["latents"] = torch.randn(N, D, Q, device=device).transpose(1, 2)
+    inputs["k_weight"] = torch.randn(D, nkv * hd, device=device).T / D ** 0.5
     mask = torch.rand(2, S, generator=torch.Generator().manual_seed(3)).to(device) > 0.4
     mask[:, 5] = True
-    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=2)
+    out = call(fn, inputs, mask, nh, nkv)
     assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv).float(), torch.float32)
 
 
 @pytest.mark.parametrize("context_grad", [True, False])
 @pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", [SHAPES[1], SHAPES[3]])
-def test_gradients_match_reference_autograd(N, M, Q, S, D, nh, nkv, hd, context_grad, device,
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_gradients_match_reference_autograd(backend, N, M, Q, S, D, nh, nkv, hd, context_grad, device,
                                             poisoned_empty):
+    fn = implementation(backend, num_splits=3)
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, S + N)
     mask = None if M is None else ragged_mask(M, S, torch.Generator().manual_seed(S), device)
     for name, t in inputs.items():
         t.requires_grad_(name != "context" or context_grad)
-    grad_out = torch.randn(N, Q, D, device=device)
-    leaves = [t for t in inputs.values() if t.requires_grad]
-
-    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, num_splits=3)
-    grads = torch.autograd.grad(out, leaves, grad_out)
-    ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-    ref_out = call(reference, ref_inputs, mask, nh, nkv)
-    ref_grads = torch.autograd.grad(ref_out, [t for t in ref_inputs.values() if t.requires_grad],
-                                    grad_out.double())
-    names = [k for k, t in inputs.items() if t.requires_grad]
+    names = assert_gradients_match(fn, inputs, mask, nh, nkv, torch.randn(N, Q, D, device=device))
     assert ("context" in names) == context_grad
-    for name, g, r in zip(names, grads, ref_grads):
-        err = rel_error(g, r.float())
-        assert err <= REL_TOLERANCE[torch.float32], f"d{name}: relative error {err:.2e}"
 
 
-def test_all_masked_row_rejected_unless_check_is_off(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fully_masked_row_attends_to_the_latents_only(backend, device):
+    """A context row with no kept token (the op rejects it unless ``check=False``) sees only the
+    latents' own keys, like the reference; its gradients are finite and match too."""
+    fn = implementation(backend, num_splits=2)
     N, Q, S, D, nh, nkv, hd = 4, 8, 20, 32, 4, 2, 16
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 11)
     mask = torch.ones(2, S, dtype=torch.bool, device=device)
     mask[1] = False
+    weights = {k: inputs[k] for k in WEIGHTS}
     with pytest.raises(ValueError, match=r"context_mask.*all-masked rows \[1\]"):
-        call(kernel.perceiver_attention, inputs, mask, nh, nkv)
-    # With the check off an empty context row attends to the latents only, like the reference.
-    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv, check=False, num_splits=2)
-    ref = fp64_reference(inputs, mask, nh, nkv, check=False)
-    assert_rel_close(out, ref.float(), torch.float32)
+        ops.perceiver_attention(inputs["latents"], inputs["context"], mask, **weights, num_heads=nh,
+                                num_kv_heads=nkv, backend=backend)
+    out = call(fn, inputs, mask, nh, nkv)
+    assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv).float(), torch.float32)
+    for t in inputs.values():
+        t.requires_grad_(True)
+    assert_gradients_match(fn, inputs, mask, nh, nkv, torch.randn(N, Q, D, device=device))
 
 
-def test_context_attention_lse_and_empty_rows(device):
-    """The kernel half alone: u and lse against softmax over normalised rows, empty rows = 0."""
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_context_part_lse_and_empty_rows(backend, device):
+    """The context half alone: u and lse against a softmax over normalised rows; an empty row's
+    lse is ≈ -1e30 (so a log-sum-exp merge gives it weight exactly 0)."""
+    if backend == "torch":
+        context_part = perceiver_attention_torch.context_attention
+    else:
+        context_part = functools.partial(triton_module()._kernel_context_part, num_splits=3)
     gen = torch.Generator().manual_seed(5)
     N, R, S, D = 3, 20, 50, 24
     queries = torch.randn(N, R, D, generator=gen).to(device)
     context = torch.randn(N, S, D, generator=gen).to(device)
     keep = (torch.rand(N, S, generator=gen) > 0.5).to(device=device, dtype=torch.uint8)
     keep[2] = 0
-    u, lse = kernel.context_attention_forward(queries, context, keep, 1e-6, num_splits=3)
-    y = context.double() * torch.rsqrt(context.double().pow(2).mean(-1, keepdim=True) + 1e-6)
+    u, lse = context_part(queries, context, keep, EPS)
+    y = context.double() * torch.rsqrt(context.double().pow(2).mean(-1, keepdim=True) + EPS)
     scores = (queries.double() @ y.transpose(1, 2)).masked_fill(~keep.bool()[:, None], float("-inf"))
     assert_rel_close(lse[:2], torch.logsumexp(scores[:2], -1).float(), torch.float32)
     assert_rel_close(u[:2], (torch.softmax(scores[:2], -1) @ y[:2]).float(), torch.float32)
-    assert torch.equal(u[2], torch.zeros_like(u[2]))
-    assert bool((lse[2] < -1e29).all())
+    assert bool((lse[2] < -1e29).all()) and bool(torch.isfinite(u).all())
 
 
-def test_ops_dispatch_and_empty_batch(device):
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_ops_dispatch_and_empty_batch(backend, device):
+    fn = implementation(backend)
     N, Q, S, D, nh, nkv, hd = 2, 8, 33, 32, 4, 4, 16
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.float32, device, 13)
-    assert resolve("perceiver_attention", "triton", device) is kernel.perceiver_attention
-    if device.type == "cpu":  # auto never picks the interpreter
-        assert resolve("perceiver_attention", "auto", device) is not kernel.perceiver_attention
-    out = call(ops.perceiver_attention, inputs, None, nh, nkv, backend="triton")
+    weights = {k: inputs[k] for k in WEIGHTS}
+    out = ops.perceiver_attention(inputs["latents"], inputs["context"], None, **weights, num_heads=nh,
+                                  num_kv_heads=nkv, backend=backend)
     assert_rel_close(out, fp64_reference(inputs, None, nh, nkv).float(), torch.float32)
     empty = {**inputs, "latents": inputs["latents"][:0], "context": inputs["context"][:0]}
-    assert call(kernel.perceiver_attention, empty, None, nh, nkv).shape == (0, Q, D)
+    assert call(fn, empty, None, nh, nkv).shape == (0, Q, D)
+
+
+def test_auto_never_picks_the_interpreter_on_cpu():
+    assert ops.resolve("perceiver_attention", "auto", torch.device("cpu")).backend != "triton"
+
+
+def test_torch_implementations_import_no_triton():
+    import subprocess
+    import sys
+
+    code = ("import sys, v2l_fast.kernels.perceiver_attention_torch, v2l_fast.kernels.swiglu_mlp_torch; "
+            "assert 'triton' not in sys.modules, 'triton imported'")
+    subprocess.run([sys.executable, "-c", code], check=True)
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -176,21 +231,23 @@ def test_bad_input_names_the_argument(bad, match):
     weights = {k: inputs[k] for k in WEIGHTS}
     with pytest.raises(ValueError, match=match):
         ops.perceiver_attention(inputs["latents"], inputs["context"], None, **weights, **kw,
-                                backend="triton")
+                                backend="torch")
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", [(48, 2, 8, 1000, 512, 16, 4, 128),
                                                  (6, 2, 8, 77, 48, 4, 2, 16)])
-def test_bf16_forward_and_gradients_on_gpu(N, M, Q, S, D, nh, nkv, hd):
+def test_bf16_forward_and_gradients_on_gpu(backend, N, M, Q, S, D, nh, nkv, hd):
+    fn = implementation(backend)
     device = torch.device("cuda")
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.bfloat16, device, 17)
     mask = ragged_mask(M, S, torch.Generator().manual_seed(1), device)
     for t in inputs.values():
         t.requires_grad_(True)
-    out = call(kernel.perceiver_attention, inputs, mask, nh, nkv)
+    out = call(fn, inputs, mask, nh, nkv)
     ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-    ref = call(reference, ref_inputs, mask, nh, nkv)
+    ref = call_reference(ref_inputs, mask, nh, nkv)
     assert_rel_close(out, ref.to(out.dtype), torch.bfloat16)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(inputs.values()), grad_out)

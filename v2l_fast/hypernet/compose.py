@@ -2,7 +2,9 @@
 
 Consecutive chunks (e.g. segments of one long video) form a group; each group's adapter is its
 chunks' rows chunk-major, then the bias block once, zero-padded to the largest group's rank so
-that all groups stack into one tensor. Built on `v2l_fast.ops.compose_adapters`.
+that all groups stack into one tensor. All groups go through one `v2l_fast.ops.compose_adapters`
+call (one concatenation along the rank axis of ``max n_chunks + 1`` slots, each ``[G, L, r, ·]``),
+not a loop over groups.
 """
 
 from __future__ import annotations
@@ -20,6 +22,24 @@ def _group_sizes(n_chunks, num_chunks: int) -> list[int]:
     if not sizes or any(type(n) is not int or n < 1 for n in sizes) or sum(sizes) != num_chunks:
         fail("n_chunks", f"positive ints summing to {num_chunks} (the number of chunks)", sizes)
     return sizes
+
+
+def _slots(chunks: torch.Tensor, tail: torch.Tensor, sizes: list[int]) -> list[torch.Tensor]:
+    """The ``max(sizes) + 1`` rank blocks ``[G, L, r, ·]`` whose concatenation is every group's factor.
+
+    Slot c of group g holds chunk ``start_g + c`` for c < n_g, ``tail`` for c = n_g and zeros
+    after. With equal group sizes the slots are views (no copy before the one concatenation).
+    """
+    G, n_max = len(sizes), max(sizes)
+    if all(n == n_max for n in sizes):
+        grouped = chunks.unflatten(0, (G, n_max))
+        return [grouped[:, c] for c in range(n_max)] + [tail.expand(G, *tail.shape)]
+    pool = torch.cat([chunks, tail[None], torch.zeros_like(tail)[None]])
+    starts = [sum(sizes[:g]) for g in range(G)]
+    tail_row, zero_row = chunks.shape[0], chunks.shape[0] + 1
+    index = torch.tensor([[start + c if c < n else tail_row if c == n else zero_row for c in range(n_max + 1)]
+                          for start, n in zip(starts, sizes)], device=chunks.device)
+    return [pool[index[:, c]] for c in range(n_max + 1)]
 
 
 def combine_lora(
@@ -60,18 +80,12 @@ def combine_lora(
             check_tensor(name, t, ndim=3, floating=True, device=A.device)
             if t.shape != like.shape[1:]:
                 fail(name, f"shape {list(like.shape[1:])}", describe(t))
-    r_max = (max(sizes) + 1) * r
-    out_A = A.new_zeros(len(sizes), L, r_max, A.shape[-1])
-    out_B = B.new_zeros(len(sizes), L, r_max, B.shape[-1])
-    start = 0
-    for g, n in enumerate(sizes):
-        chunks = range(start, start + n)
-        group_bias = None if bias is None else tuple(t * bias_scaler for t in bias)
-        # compose_adapters concatenates along the rank axis, so each chunk is [L, r, *].
-        a, b = ops.compose_adapters(
-            [A[c] for c in chunks], [B[c] for c in chunks], bias=group_bias,
-            weights=None if scalers is None else [scalers[c] for c in chunks])
-        out_A[g, :, :a.shape[-2]] = a
-        out_B[g, :, :b.shape[-2]] = b
-        start += n
-    return out_A, out_B
+    if scalers is not None:
+        A = A * torch.as_tensor(scalers, dtype=A.dtype, device=A.device).view(N, 1, 1, 1)
+    # The block after each group's chunks: the scaled bias, or zeros without one.
+    if bias is None:
+        tails = (A.new_zeros(L, r, A.shape[-1]), B.new_zeros(L, r, B.shape[-1]))
+    else:
+        tails = (bias[0] * bias_scaler, bias[1] * bias_scaler)
+    slots_A, slots_B = (_slots(t, tail, sizes) for t, tail in zip((A, B), tails))
+    return ops.compose_adapters(slots_A, slots_B)

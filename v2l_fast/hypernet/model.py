@@ -13,8 +13,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from v2l_fast import ops
 from v2l_fast.errors import check_dim, check_tensor, describe, fail
+from v2l_fast.hypernet.compose import combine_lora
 from v2l_fast.hypernet.config import Frames2LoRAConfig
 from v2l_fast.hypernet.perceiver import Perceiver
 
@@ -164,8 +164,6 @@ class Frames2LoRA(nn.Module):
             A = rows[..., :I] * self.scaler_A[TARGET_MODULE]
             B = rows[..., I:I + H] * self.scaler_B[TARGET_MODULE]
             bias_A, bias_B = self.bias_A[TARGET_MODULE], self.bias_B[TARGET_MODULE]
-            lead = A.shape[:2]
-            A_c, B_c = ops.compose_adapters(
-                [A], [B], bias=(bias_A.expand(*lead, -1, -1), bias_B.expand(*lead, -1, -1)))
+            A_c, B_c = combine_lora(A, B, [1] * A.shape[0], bias=(bias_A, bias_B))
         return GeneratedAdapters(A=A_c, B=B_c, alpha=self.config.lora_alpha, generated_A=A,
                                  generated_B=B, bias_A=bias_A, bias_B=bias_B)

@@ -13,14 +13,17 @@ from torch import nn
 
 from v2l_fast import ops
 from v2l_fast.hypernet.config import Frames2LoRAConfig
-from v2l_fast.reference.perceiver_attention import rms_norm
 
 # Rows of the modality projection per chunk when no gradient is needed (see `Perceiver.project`).
 PROJECTION_CHUNK_ROWS = 1 << 15
 
 
 class RMSNorm(nn.Module):
-    """Idefics2 RMSNorm: fp32 statistics, cast back, times a gain initialised to 1 (§3.3)."""
+    """Idefics2 RMSNorm (§3.3): ``weight · cast(x · rsqrt(mean(x²) + eps))``, gain initialised to 1.
+
+    The statistics run in fp32 (fp64 stays fp64); the normalised value is cast back to the
+    input dtype before the (fp32) gain multiplies it, which promotes the result to fp32.
+    """
 
     def __init__(self, width: int, eps: float) -> None:
         super().__init__()
@@ -28,7 +31,8 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return rms_norm(x, self.weight, self.eps)
+        wide = x.to(torch.promote_types(x.dtype, torch.float32))
+        return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
 
 
 class SwiGLU(nn.Module):

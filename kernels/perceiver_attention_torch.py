@@ -1,0 +1,147 @@
+"""Perceiver cross-attention (FRAMES2LORA_SPEC §3.4) with K and V absorbed, in plain PyTorch.
+
+The ``backend="torch"`` of `v2l_fast.ops.perceiver_attention`: the same result and gradients as
+`v2l_fast.reference.perceiver_attention`, which materialises K and V of every context token;
+this module never does. Imports no triton. `absorbed_attention` is also the outer half of the
+Triton backend (kernels/perceiver_attention.py), which swaps in its kernel for the context part.
+
+The algebra (why K and V of the context never exist)
+----------------------------------------------------
+Write the context RMSNorm of token t as ``cn_t = w_c ⊙ y_t`` with ``y_t = cast(s_t x_t)``,
+``s_t = rsqrt(mean(x_t²) + eps)`` (the cast back to the input dtype is the official one). For
+query i of head h, reading kv head g = h // (nh/nkv), with ``q = zn W_qᵀ``::
+
+    score_t = q_h,i · (W_k,g cn_t) / √hd = ((W_k,gᵀ q_h,i ⊙ w_c) / √hd) · y_t = a_r · y_t
+    Σ_t p_t W_v,g cn_t = W_v,g (w_c ⊙ Σ_t p_t y_t)
+
+so with the *absorbed queries* ``a_r = (W_k,gᵀ q_h,i) ⊙ w_c / √hd`` (one D-vector per query row
+r = h·Q + i) the context part of every head is plain softmax attention in D-space whose keys
+and values are the same normalised context rows ``y_t``. GQA disappears in this form: all nh·Q
+query rows read the same ``y_t`` (the kv group only decides which ``W_k,g`` / ``W_v,g`` absorbs a
+head). FLOPs per context token: 4·nh·Q·D (scores + values) against 4·nkv·hd·D + 4·nh·Q·hd with
+K/V materialised; for nh=16, Q=8, D=512, nkv=4, hd=128 that is 0.26 vs 1.11 MFLOP.
+
+Keys are ``[context ; latents]``: the Q latent keys are ``zn_j`` in the same D-space, scored as
+``(W_k,gᵀ q / √hd) · zn_j`` (no ``w_c``). The two key sets are softmax-normalised separately and
+merged by log-sum-exp (``lse = log(e^lse_c + e^lse_l)``, ``u = e^(lse_c−lse) u_c + e^(lse_l−lse) u_l``),
+exactly the joint softmax over all S + Q keys, so the context is never concatenated.
+
+In fp32 and fp64 the cast in ``y_t`` is the identity, so ``a·y_t = s_t (a·x_t)`` and
+``Σ_t p_t y_t = Σ_t (p_t s_t) x_t``: the torch context part scales the [R, S] score and
+probability columns by ``s_t`` and multiplies by the raw context, which is then read by two
+GEMMs and one norm reduction and never rewritten. Half inputs keep the rounded ``y_t``.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+
+from v2l_fast.kernels._common import EMPTY_LSE, rms_norm
+
+
+def context_attention(queries: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
+                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Softmax attention of ``queries [N, R, D]`` over the normalised context rows ``y_t``.
+
+    ``y_t = cast(x_t · s_t)``, ``s_t = rsqrt(‖x_t‖²/D + eps)`` (the context RMSNorm without its
+    gain). Returns ``(u [N, R, D], lse [N, R])`` in the queries' dtype: ``u_r = Σ_t p_rt y_t`` with
+    ``p_r = softmax_t(queries_r · y_t)`` over the kept tokens (``context_mask [M, S]``, row n uses
+    mask row n mod M) and ``lse_r`` the log-sum-exp of those scores. Masked scores are
+    `EMPTY_LSE` (finite): a row with no kept token gets ``lse ≈ EMPTY_LSE``, so its (finite,
+    meaningless) ``u`` has weight exactly 0 in a log-sum-exp merge, and so do its gradients.
+    """
+    N, R, D = queries.shape
+    S = context.shape[1]
+    work = queries.dtype
+    scale = torch.rsqrt(torch.linalg.vector_norm(context, dim=-1, dtype=work).square() / D + eps)
+    if context.dtype == work:
+        # y_t = s_t x_t exactly: scale the score and probability columns, not the context.
+        keys, column_scale = context, scale[:, None, :]
+    else:
+        # Half context: y_t rounded to its dtype as the official norm does; dots in that dtype.
+        keys, column_scale = (context.to(work) * scale[..., None]).to(context.dtype), None
+    scores = torch.matmul(queries.to(keys.dtype), keys.mT).to(work)
+    if column_scale is not None:
+        scores = scores * column_scale
+    if context_mask is not None:
+        M = context_mask.shape[0]
+        dropped = (context_mask == 0)[None, :, None, :]
+        scores = scores.view(N // M, M, R, S).masked_fill(dropped, EMPTY_LSE).view(N, R, S)
+    lse = torch.logsumexp(scores, -1)
+    probs = torch.exp(scores - lse[..., None])
+    if column_scale is not None:
+        probs = probs * column_scale
+    return torch.matmul(probs.to(keys.dtype), keys).to(work), lse
+
+
+def absorbed_attention(
+    context_part: Callable,
+    latents: torch.Tensor,
+    context: torch.Tensor,
+    context_mask: torch.Tensor | None,
+    q_weight: torch.Tensor,
+    k_weight: torch.Tensor,
+    v_weight: torch.Tensor,
+    o_weight: torch.Tensor,
+    latents_norm_weight: torch.Tensor,
+    context_norm_weight: torch.Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    eps: float,
+) -> torch.Tensor:
+    """`v2l_fast.reference.perceiver_attention` with K/V absorbed (module docstring).
+
+    ``context_part(queries, context, context_mask, eps) -> (u, lse)`` computes the context half
+    (`context_attention`, or the Triton kernel); everything else runs here on [N, nh·Q, ·]
+    tensors in fp32 (fp64 for fp64 inputs): the latents' norm and q projection, the absorption
+    of W_k (and of w_c), the latents' own Q keys, the log-sum-exp merge, W_v per kv group and
+    o_proj. Returns ``[N, Q, D]`` in the promoted dtype of all inputs.
+    """
+    N, Q, D = latents.shape
+    out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in (
+        latents, context, q_weight, k_weight, v_weight, o_weight, latents_norm_weight, context_norm_weight)))
+    if N == 0 or Q == 0:
+        return latents.new_zeros(N, Q, D, dtype=out_dtype)
+    work = torch.promote_types(out_dtype, torch.float32)
+    hd = q_weight.shape[0] // num_heads
+    group = num_heads // num_kv_heads
+    context_weight = context_norm_weight.to(work)
+
+    zn = rms_norm(latents, latents_norm_weight, eps)
+    q = F.linear(zn.to(work), q_weight.to(work)).view(N, Q, num_kv_heads, group, hd)
+    # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
+    absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.to(work).reshape(num_kv_heads, hd, D))
+    absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
+    u_ctx, lse_ctx = context_part(absorbed * context_weight, context, context_mask, eps)
+
+    # The latents' own keys (zn in the kv dtype, as the reference concatenates them).
+    latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).to(work)
+    latent_scores = torch.matmul(absorbed, latent_keys.mT)
+    lse_lat = torch.logsumexp(latent_scores, -1)
+    u_lat = torch.matmul(torch.softmax(latent_scores, -1), latent_keys)
+    lse = torch.logaddexp(lse_ctx, lse_lat)
+    u = (torch.exp(lse_ctx - lse)[..., None] * (u_ctx * context_weight)
+         + torch.exp(lse_lat - lse)[..., None] * u_lat)
+
+    # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
+    heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
+                         v_weight.to(work).reshape(num_kv_heads, hd, D))
+    return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.to(work)).to(out_dtype)
+
+
+def perceiver_attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
+                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
+    """The torch backend of `v2l_fast.ops.perceiver_attention` (arguments validated by the op).
+
+    `absorbed_attention` with the context half as two batched GEMMs (`context_attention`):
+    scores ``[N, nh·Q, S]`` and values ``[N, nh·Q, D]``, 4·nh·Q·D FLOPs per context token.
+    Differentiable by autograd (it keeps the ``[N, nh·Q, S]`` scores for the backward).
+    """
+    return absorbed_attention(context_attention, latents, context, context_mask, q_weight, k_weight,
+                              v_weight, o_weight, latents_norm_weight, context_norm_weight, num_heads,
+                              num_kv_heads, eps)
