@@ -3,6 +3,7 @@ saved to disk, and bad input (exit code 2, one line on stderr, no traceback)."""
 
 from __future__ import annotations
 
+import os
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from v2l_fast.adapters import Adapters
 from v2l_fast.cli import main
 from v2l_fast.cli.demo import demo_session, write_synthetic_video
 from v2l_fast.hypernet import save_frames2lora
-from v2l_fast.ops import available_backends
+from v2l_fast.ops import available_backends, resolve, use_backend
 from v2l_fast.testing import assert_rel_close, write_test_video
 from v2l_fast.vlm import read_video
 from v2l_fast.vlm.factory import image_seq_len, random_smolvlm, tiny_smolvlm_tokenizer
@@ -102,6 +103,23 @@ def test_demo_backend_switch_gives_the_same_answers(capsys):
     assert answer.search(triton)[1] == answer.search(default)[1]
 
 
+def test_backend_option_is_a_scope_and_leaves_the_environment_alone(capsys, monkeypatch):
+    monkeypatch.delenv("V2L_BACKEND", raising=False)
+    code, out, err = run(capsys, "demo", "--frames", "1", "--max-new-tokens", "2", "--questions", "What?",
+                         "--backend", "torch")
+    assert code == 0, err
+    assert re.search(r"\n  backend +torch: perceiver_attention=torch, swiglu_mlp=torch, compose_adapters=torch, "
+                     r"lora_sgmv=torch\n", out)
+    assert "V2L_BACKEND" not in os.environ
+    assert resolve("lora_sgmv", "auto", torch.device("cpu")).backend == available_cpu_lora_backend()
+
+
+def available_cpu_lora_backend() -> str:
+    """What auto picks for lora_sgmv on the CPU with no setting in force."""
+    with use_backend("auto"):
+        return resolve("lora_sgmv", "auto", torch.device("cpu")).backend
+
+
 def test_synthetic_video_shows_the_shapes_moving(tmp_path):
     path = tmp_path / "shapes.mp4"
     assert write_synthetic_video(path, seconds=3) == 12
@@ -128,6 +146,16 @@ def test_info_lists_versions_build_and_backends(capsys):
     assert f"built         {v2l_fast.build_info()['built']}" in out
     assert re.search(r"auto on cpu: perceiver_attention=\w+, swiglu_mlp=\w+, compose_adapters=\w+, lora_sgmv=\w+",
                      out)
+
+
+def test_info_reports_what_auto_picks_whatever_the_environment_says(capsys, monkeypatch):
+    monkeypatch.setenv("V2L_BACKEND", "torch")
+    code, out, _ = run(capsys, "info")
+    assert code == 0
+    assert f", lora_sgmv={available_cpu_lora_backend()}\n" in out.split("auto on cpu: ")[1]
+    for name in ("torch", "triton", "cuda", "cpp"):
+        if name not in available_backends():
+            assert re.search(rf"\n  {name}: \S", out), name  # why it cannot run
 
 
 def test_internalize_writes_the_adapters_the_api_makes(saved, adapters_file, capsys):
@@ -166,7 +194,8 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
     vlm, hypernet = saved["vlm"], saved["hypernet"]
     internalize = ("internalize", "--vlm", vlm, "--hypernet", hypernet, "--max-frames", "3", "--dtype", "fp32",
                    "--out", tmp_path / "out.safetensors")
-    assert_bad_input(run(capsys, *internalize, tmp_path / "missing.mp4"), "video file not found", "missing.mp4")
+    assert_bad_input(run(capsys, *internalize, tmp_path / "missing.mp4"), "video file: expected an existing file",
+                     "missing.mp4', which was not found")
     corrupt = tmp_path / "corrupt.mp4"
     corrupt.write_bytes(b"\x00\x00\x00\x18ftypmp42" + b"garbage" * 100)
     assert_bad_input(run(capsys, *internalize, corrupt), "corrupt.mp4")
@@ -187,7 +216,8 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
     assert_bad_input(run(capsys, *ask, "Hi?", "--adapter", "2"), "--adapter", "out of range")
     assert_bad_input(run(capsys, *ask, "Hi?", "Ho?", "Ha?", "--adapter", "0", "1"), "one index or one per question")
     assert_bad_input(run(capsys, *ask, "look: <image>", "--adapter", "0"), "image tokens")
-    assert_bad_input(run(capsys, "ask", tmp_path / "none.safetensors", "Hi?", "--vlm", vlm), "adapters file not found")
+    assert_bad_input(run(capsys, "ask", tmp_path / "none.safetensors", "Hi?", "--vlm", vlm),
+                     "adapters file: expected an existing file", "none.safetensors', which was not found")
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"not a safetensors file")
     assert_bad_input(run(capsys, "ask", garbage, "Hi?", "--vlm", vlm), "cannot read adapters")
@@ -206,4 +236,5 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     done = subprocess.run([sys.executable, "-m", "v2l_fast", "internalize", str(tmp_path / "gone.mp4"), "--vlm", "x",
                            "--hypernet", "y"], capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and done.stdout == ""
-    assert done.stderr.strip() == f"v2l-fast internalize: error: video file not found: {str(tmp_path / 'gone.mp4')!r}"
+    assert done.stderr.strip() == ("v2l-fast internalize: error: video file: expected an existing file, got "
+                                   f"{str(tmp_path / 'gone.mp4')!r}, which was not found")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 
 from v2l_fast.cli.common import DTYPES, Stages, add_runtime_options, check_files, format_backends, positive_int
+from v2l_fast.errors import fail
 
 
 def add_parser(commands) -> None:
@@ -25,14 +26,15 @@ def add_parser(commands) -> None:
 def _adapter_indices(requested: list[int] | None, available: int, questions: int) -> list[int]:
     if requested is None:
         if available != 1:
-            raise ValueError(f"--adapter: the file holds {available} adapters; say which one each question uses "
-                             "(one INDEX for all, or one per question)")
+            fail("--adapter", "the adapter each question uses (one INDEX for all, or one per question)",
+                 f"none, and the file holds {available} adapters")
         requested = [0]
     if len(requested) not in (1, questions):
-        raise ValueError(f"--adapter: expected one index or one per question ({questions}), got {len(requested)}")
+        fail("--adapter", f"one index or one per question ({questions})", f"{len(requested)} indices")
     for index in requested:
         if not 0 <= index < available:
-            raise ValueError(f"--adapter: index {index} is out of range (the file holds {available} adapters)")
+            fail("--adapter", f"indices below {available}",
+                 f"{index}, out of range (the file holds {available} adapters)")
     return requested * questions if len(requested) == 1 else requested
 
 

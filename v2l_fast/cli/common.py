@@ -12,6 +12,7 @@ from contextlib import contextmanager
 
 import torch
 
+from v2l_fast.errors import fail
 from v2l_fast.ops.registry import BACKENDS, ENV_VAR, resolve, runtime_missing, use_backend
 
 PROG = "v2l-fast"
@@ -56,13 +57,13 @@ def pick_device(name: str | None) -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except RuntimeError as err:
-        raise ValueError(f"--device: expected a torch device such as 'cpu' or 'cuda:0', got {name!r}") from err
+    except RuntimeError:
+        fail("--device", "a torch device such as 'cpu' or 'cuda:0'", repr(name))
     if device.type == "cuda":
         if not torch.cuda.is_available():
-            raise ValueError(f"--device: {name!r} requested, but torch sees no CUDA device here")
+            fail("--device", "a device of this machine", f"{name!r}, but torch sees no CUDA device here")
         if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(f"--device: {name!r} requested, but there are {torch.cuda.device_count()} CUDA devices")
+            fail("--device", f"one of the {torch.cuda.device_count()} CUDA devices", repr(name))
     return device
 
 
@@ -82,12 +83,12 @@ def backend_scope(name: str | None, device: torch.device):
     try:
         if name == "triton" and device.type == "cpu" and saved in (None, "", "0"):
             if "triton" in sys.modules:
-                raise ValueError("--backend triton on the CPU needs the Triton interpreter, which must be on "
-                                 "before triton is imported: set TRITON_INTERPRET=1 in the environment")
+                fail("--backend triton", "TRITON_INTERPRET=1 in the environment to run on the CPU (the Triton "
+                     "interpreter must be on before triton is imported)", "triton imported without it")
             os.environ["TRITON_INTERPRET"] = "1"
         missing = None if name == "auto" else runtime_missing(name, device)
         if missing:
-            raise ValueError(f"--backend {name}: cannot run here: {missing}")
+            fail(f"--backend {name}", "a backend that can run here", f"one that cannot run here: {missing}")
         with use_backend(name):
             yield
     finally:
@@ -130,7 +131,7 @@ def check_files(paths: Sequence[str], what: str) -> None:
     """Refuse a path in ``paths`` that is not an existing file (``what`` names them)."""
     for path in paths:
         if not os.path.isfile(path):
-            raise ValueError(f"{what} not found: {path!r}")
+            fail(what, "an existing file", f"{path!r}, which was not found")
 
 
 def shape(t: torch.Tensor) -> str:

@@ -8,6 +8,7 @@ import torch
 
 import v2l_fast
 from v2l_fast.cli.common import DTYPES, Stages, add_runtime_options, check_files, format_backends, positive_int, shape
+from v2l_fast.errors import fail
 
 
 def add_parser(commands) -> None:
@@ -29,14 +30,14 @@ def run_internalize(args, device: torch.device) -> int:
     """``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order)."""
     check_files(args.videos, "video file")
     if not os.path.exists(args.hypernet):
-        raise ValueError(f"--hypernet: no such file or directory: {args.hypernet!r}")
+        fail("--hypernet", "an existing checkpoint file or directory", repr(args.hypernet))
     out_dir = os.path.dirname(os.path.abspath(args.out))
     if os.path.isdir(args.out):
-        raise ValueError(f"--out: expected a file path, got the directory {args.out!r}")
+        fail("--out", "a file path", f"the directory {args.out!r}")
     if not os.path.isdir(out_dir):
-        raise ValueError(f"--out: the directory {out_dir!r} does not exist")
+        fail("--out", "a file in an existing directory", f"{args.out!r}, whose directory {out_dir!r} does not exist")
     if not os.access(out_dir, os.W_OK):
-        raise ValueError(f"--out: the directory {out_dir!r} is not writable")
+        fail("--out", "a file in a writable directory", f"{args.out!r}, whose directory {out_dir!r} is not writable")
     stage = Stages(device)
     overrides = {"max_frames": args.max_frames} if args.max_frames else {}
     with stage("load"):

@@ -30,6 +30,7 @@ from transformers.models.smolvlm.processing_smolvlm import (
     DEFAULT_CHAT_TEMPLATE as SMOLVLM_VIDEO_CHAT_TEMPLATE,
 )
 
+from v2l_fast.errors import fail
 from v2l_fast.vlm.video import Video
 
 FAKE_IMAGE_TOKEN = "<fake_token_around_image>"
@@ -144,7 +145,7 @@ def number_in_words(n: int) -> str:
     """English cardinal of ``0 ≤ n < 10⁶`` as ``num2words`` writes it ("twenty-one", "one
     hundred and five"), for the video intro sentence."""
     if not 0 <= n < 1_000_000:
-        raise ValueError(f"n: expected 0 <= n < 1000000, got {n}")
+        fail("n", "0 <= n < 1000000", n)
     if n < 20:
         return _ONES[n]
     if n < 100:
@@ -179,7 +180,7 @@ def build_video_batch(videos: list[Video], instruction: str, tokenizer, preproce
                       pad_token_id: int = 0) -> VideoBatch:
     """Tokenize each video's prompt and stack the pixels into one `VideoBatch`."""
     if not videos:
-        raise ValueError("videos: expected at least one video, got an empty list")
+        fail("videos", "at least one video", "an empty list")
     ids = [tokenizer(preprocessor.prompt(video, instruction, tokenizer), add_special_tokens=False)["input_ids"]
            for video in videos]
     pixels = [preprocessor.pixel_values(video) for video in videos]

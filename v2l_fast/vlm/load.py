@@ -50,8 +50,8 @@ def check_image_token(config, tokenizer) -> None:
     token = getattr(tokenizer, "image_token", IMAGE_TOKEN)
     token_id = tokenizer.convert_tokens_to_ids(token)
     if token_id != config.image_token_id:
-        raise ValueError(f"tokenizer: expected {token!r} to have id {config.image_token_id} (the model's "
-                         f"image_token_id), got {token_id}; tokenizer and model do not belong together")
+        fail("tokenizer", f"{token!r} to have id {config.image_token_id} (the model's image_token_id)",
+             f"{token_id}; tokenizer and model do not belong together")
 
 
 def load_smolvlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = torch.bfloat16,
@@ -80,8 +80,8 @@ def load_smolvlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = 
         try:
             tokenizer = AutoTokenizer.from_pretrained(source)
         except (OSError, ValueError) as err:
-            raise ValueError(f"name_or_path: no tokenizer could be loaded from {source!r} ({err}); "
-                             "pass tokenizer=") from err
+            fail("name_or_path", "a model with a tokenizer, or pass tokenizer=",
+                 f"{source!r}, from which no tokenizer could be loaded ({err})")
     if preprocessor is None:
         preprocessor = VideoPreprocessor.for_model(model.config, _preprocessor_dict(source),
                                                    **preprocessor_overrides)
@@ -112,8 +112,9 @@ def _restore_peft_base_weights(model: torch.nn.Module, info: dict, source: str) 
     restorable = missing & base_keys.keys()
     still_missing = missing - restorable
     if still_missing:
-        raise ValueError(f"name_or_path: checkpoint {source!r} lacks weights of the model: "
-                         f"{sorted(still_missing)[:8]}{' …' if len(still_missing) > 8 else ''}")
+        listed = f"{sorted(still_missing)[:8]}{' …' if len(still_missing) > 8 else ''}"
+        fail("name_or_path", "a checkpoint with every weight of the model",
+             f"{source!r}, which lacks weights of the model: {listed}")
     if not restorable:
         return
     tensors = _read_checkpoint_tensors(source, {base_keys[k] for k in restorable})
@@ -138,5 +139,6 @@ def _read_checkpoint_tensors(source: str, keys: set[str]) -> dict[str, torch.Ten
             with safe_open(os.path.join(directory, name), framework="pt") as f:
                 found.update({key: f.get_tensor(key) for key in keys & set(f.keys())})
     if found.keys() != keys:
-        raise ValueError(f"name_or_path: could not read {sorted(keys - found.keys())[:4]} from {source!r}")
+        fail("name_or_path", f"safetensors files holding {sorted(keys)[:4]}",
+             f"{source!r}, without {sorted(keys - found.keys())[:4]}")
     return found

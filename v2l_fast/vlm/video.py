@@ -15,6 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from v2l_fast.errors import fail
+
 # transformers' fallback frame rate for frames that come without one (SmolVLM processor).
 DEFAULT_FRAMES_FPS = 24.0
 
@@ -49,7 +51,7 @@ class Video:
         for frames without metadata.
         """
         if not isinstance(fps, (int, float)) or not fps > 0:
-            raise ValueError(f"fps: expected a positive number, got {fps!r}")
+            fail("fps", "a positive number", repr(fps))
         arrays = [_to_rgb_array(frame, i, source) for i, frame in enumerate(frames)]
         if not arrays:
             raise VideoError(f"{source}: no frames given")
@@ -84,11 +86,11 @@ def sample_frame_indices(total_frames: int, native_fps: float, *, max_frames: in
             ``max_frames · target_fps``.
     """
     if total_frames < 1:
-        raise ValueError(f"total_frames: expected at least 1, got {total_frames}")
+        fail("total_frames", "at least 1", total_frames)
     if not native_fps > 0:
-        raise ValueError(f"native_fps: expected a positive frame rate, got {native_fps}")
+        fail("native_fps", "a positive frame rate", native_fps)
     if max_frames < 1:
-        raise ValueError(f"max_frames: expected at least 1, got {max_frames}")
+        fail("max_frames", "at least 1", max_frames)
     duration = total_frames / native_fps
     wanted = max(min(int(round(target_fps * duration)), max_frames), 1)
     start, end = 0, total_frames - 1
@@ -167,8 +169,7 @@ def write_video(path: str | os.PathLike, frames: np.ndarray, *, fps: int, codec:
 
     frames = np.asarray(frames)
     if frames.dtype != np.uint8 or frames.ndim != 4 or frames.shape[-1] != 3 or len(frames) == 0:
-        raise ValueError(f"frames: expected a non-empty uint8 array [F, H, W, 3], got {frames.dtype} "
-                         f"array of shape {list(frames.shape)}")
+        fail("frames", "a non-empty uint8 array [F, H, W, 3]", f"{frames.dtype} array of shape {list(frames.shape)}")
     with av.open(os.fspath(path), "w") as container:
         stream = container.add_stream(codec, rate=fps)
         stream.height, stream.width = frames.shape[1:3]
