@@ -7,13 +7,14 @@ a caller never sees a stack trace from deep inside a kernel.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NoReturn
 
 import torch
 
 _INDEX_DTYPES = (torch.int32, torch.int64)
 
 
-def fail(name: str, expected: str, got: object) -> None:
+def fail(name: str, expected: str, got: object) -> NoReturn:
     """Raise the project's uniform ValueError for argument ``name``."""
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
