@@ -34,7 +34,7 @@ import torch
 from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
-from v2l_fast.ops.backends import runtime_missing
+from v2l_fast.ops.registry import runtime_missing
 from v2l_fast.vlm.factory import SMOLVLM2_SHAPES, smolvlm_config
 from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers
 

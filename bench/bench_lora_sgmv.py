@@ -31,7 +31,7 @@ import torch.nn.functional as F
 import sys
 import v2l_fast.ops.lora_sgmv  # noqa: F401
 ops_lora = sys.modules["v2l_fast.ops.lora_sgmv"]
-from v2l_fast.ops.backends import runtime_missing
+from v2l_fast.ops.registry import runtime_missing
 from v2l_fast.reference import lora_sgmv as reference
 
 import harness
