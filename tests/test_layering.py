@@ -66,7 +66,8 @@ def imports_of(path: Path) -> list[tuple[str, int]]:
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
-                base = ".".join(package.split(".")[: len(package.split(".")) - node.level + 1] + ([base] if base else []))
+                parent = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(parent + ([base] if base else []))
             found += [(f"{base}.{alias.name}" if base == "v2l_fast" else base, node.lineno) for alias in node.names]
     return [(name, line) for name, line in found if name == "v2l_fast" or name.startswith("v2l_fast.")]
 
@@ -88,7 +89,7 @@ def test_imports_point_down_the_layers(path):
     assert not bad, f"{path.relative_to(ROOT)} ({layer}) imports upward or sideways: {bad}"
 
 
-def test_the_layer_check_catches_a_kernel_importing_the_reference(tmp_path, monkeypatch):
+def test_the_layer_check_catches_a_kernel_importing_the_reference(monkeypatch):
     fake = ROOT / "kernels" / "_layering_probe.py"
     monkeypatch.setattr(Path, "read_text", lambda self, *a, **k: "from v2l_fast.reference import lora_sgmv\n")
     with pytest.raises(AssertionError, match="imports upward or sideways"):
