@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
             t0, wall0 = time.monotonic(), time.time()
             code = run_stage(stage, timeout_s, env, run_dir / f"{stage.name}.log")
             entry.update(exit_code=code, status=status_of(code), wall_s=round(time.monotonic() - t0, 1),
-                         output=str(run_dir / f"{stage.name}.log"), results=new_results(wall0))
+                         output=str(run_dir / f"{stage.name}.log"),
+                         results=new_results(wall0) if stage.group.startswith("bench") else [])
             if stage.name == "probe" and (run_dir / "probe.json").exists():
                 entry["probe"] = json.loads((run_dir / "probe.json").read_text())
             worst = max(worst, int(entry["status"] not in ("ok", "no-tests")))
