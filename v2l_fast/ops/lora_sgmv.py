@@ -65,8 +65,9 @@ def kernel_segments(kernel: Resolved, seg_indptr: torch.Tensor, seg_adapter: tor
     return metadata.tensors(), metadata.block_m
 
 
-def _needs_grad(*tensors: torch.Tensor | None) -> bool:
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+def _needs_grad(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.Tensor | None) -> bool:
+    return torch.is_grad_enabled() and (x.requires_grad or A.requires_grad or B.requires_grad
+                                        or (base is not None and base.requires_grad))
 
 
 def _torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: torch.Tensor, seg_adapter: torch.Tensor,
@@ -79,7 +80,8 @@ def _torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: torch.
 def _cpp(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
     """C++ CPU forward (`v2l_fast._C.lora_sgmv_cpu`, fp32 accumulation); the reference when a
     gradient is needed or an input is fp64 (whose contract is fp64 accumulation)."""
-    if _needs_grad(x, A, B, base) or any(t is not None and t.dtype == torch.float64 for t in (x, A, B, base)):
+    fp64 = torch.float64 in (x.dtype, A.dtype, B.dtype, base.dtype if base is not None else None)
+    if fp64 or _needs_grad(x, A, B, base):
         return _torch(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m)
     return require_extension().lora_sgmv_cpu(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base)
 

@@ -76,11 +76,10 @@ class _LoRAHook:
 
     def __call__(self, module, args, output):
         x, patch = args[0], self.patch
-        rows, width = x.shape[0], x.shape[-1]
-        tokens = x.numel() // width
-        indptr, adapters, work, block_m = patch.segments(rows, tokens // max(rows, 1), x.device)
-        out = patch.kernel(x.reshape(tokens, width), self.A, self.B, indptr, adapters, patch.ranks, patch.scaling,
-                           output.reshape(tokens, output.shape[-1]), work, block_m)
+        tokens = x.flatten(0, -2)  # [rows · T, I]; rows = x.shape[0]
+        indptr, adapters, work, block_m = patch.segments(x.shape[0], tokens.shape[0] // max(x.shape[0], 1), x.device)
+        out = patch.kernel(tokens, self.A, self.B, indptr, adapters, patch.ranks, patch.scaling,
+                           output.flatten(0, -2), work, block_m)
         return out.view(output.shape)
 
 
