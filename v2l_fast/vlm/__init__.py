@@ -4,6 +4,8 @@
 `Video.from_frames` and `build_video_batch` make its video inputs without torchvision;
 `extract_features` gives the hypernetwork's stacked layer states; `LoRAPatch` applies a batch
 of adapters to any decoder's Linear modules through `v2l_fast.ops.lora_sgmv`.
+`v2l_fast.vlm.factory` (not imported here) builds tiny or full-size random SmolVLM2 models
+in-process, for the demo, the benchmarks and the tests.
 """
 
 from v2l_fast.vlm.features import extract_features
