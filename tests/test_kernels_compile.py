@@ -101,6 +101,7 @@ def _rand(*shape, dtype=torch.float32, grad=False):
 def _lora_case(dtype, factor_dtype, decode):
     """One down_proj LoRA layer (I=2560 → H=960, rank 16) of a 2-layer pool, forward + backward."""
     from v2l_fast.kernels.lora_sgmv import lora_sgmv
+    from v2l_fast.kernels.lora_sgmv_metadata import lora_sgmv_metadata
     I, H, L, n, R = 2560, 960, 2, 3, 16
     if decode:  # 5 one-token segments, ranks given, no base: BLOCK_M 16, HAS_RANKS, not HAS_BASE
         T, indptr, adapters = 5, torch.arange(6), torch.tensor([0, 2, -1, 0, 1])
@@ -111,7 +112,8 @@ def _lora_case(dtype, factor_dtype, decode):
     x = _rand(T, I, dtype=dtype, grad=True)
     A = _rand(n, L, R, I, dtype=factor_dtype, grad=True)
     B = _rand(n, L, R, H, dtype=factor_dtype, grad=True)
-    out = lora_sgmv(x, A, B, indptr, adapters, ranks=ranks, layer=1, scaling=2.0, base=base)
+    meta = lora_sgmv_metadata(indptr, adapters, T, n)  # the kernel arguments the op would pass, layer 1
+    out = lora_sgmv(x, A[:, 1], B[:, 1], indptr, adapters, ranks, 2.0, base, meta.tensors(), meta.block_m)
     out.backward(torch.ones_like(out))
 
 
@@ -123,12 +125,10 @@ def _perceiver_case(dtype, masked, context_grad, D=512):
     if masked:
         mask = torch.ones(1, S, dtype=torch.bool)
         mask[0, 40:] = False
-    out = perceiver_attention(
+    out = perceiver_attention(  # the kernel arguments, positional as the op passes them
         _rand(N, Q, D, grad=True), _rand(N, S, D, dtype=dtype, grad=context_grad), mask,
-        q_weight=_rand(nh * hd, D, grad=True), k_weight=_rand(nkv * hd, D, grad=True),
-        v_weight=_rand(nkv * hd, D, grad=True), o_weight=_rand(D, nh * hd, grad=True),
-        latents_norm_weight=_rand(D, grad=True), context_norm_weight=_rand(D, grad=True),
-        num_heads=nh, num_kv_heads=nkv)
+        _rand(nh * hd, D, grad=True), _rand(nkv * hd, D, grad=True), _rand(nkv * hd, D, grad=True),
+        _rand(D, nh * hd, grad=True), _rand(D, grad=True), _rand(D, grad=True), nh, nkv)
     out.sum().backward()
 
 
