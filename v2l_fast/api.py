@@ -203,10 +203,13 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def _generate(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer) -> list[str]:
+def _generate(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer,
+              **model_inputs) -> list[str]:
+    """Greedy answers of a left-padded batch, decoded and stripped; ``model_inputs`` (pixels of
+    the teacher's video prompts) go to ``generate`` as they are."""
     def run():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                              do_sample=False, pad_token_id=pad, eos_token_id=eos)
+                              do_sample=False, pad_token_id=pad, eos_token_id=eos, **model_inputs)
 
     if adapters is None:
         out = run()

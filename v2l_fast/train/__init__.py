@@ -1,0 +1,1 @@
+"""Training: teacher targets (and, later, the hypernetwork training loop)."""
