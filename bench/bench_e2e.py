@@ -3,14 +3,19 @@
 
 Hypernetwork (op "hypernet"): `Frames2LoRA.generate` with random weights at the released
 shapes (500M: L=32, H=960, I=2560; 2.2B: L=24, H=2048, I=8192; r=16, D=512, Q=8, NB=9) on the
-features of one video of 12 / 64 / 256 / 1024 frames (64 / 81 tokens per frame plus 64 prompt
-tokens). Providers ``torch`` (eager) and ``triton``, chosen through ``$V2L_BACKEND`` for the
-duration of the call, so every op of the stack switches as it does in `v2l_fast.api`. Modes
-``fwd`` (no grad, as at internalisation) and ``fwd+bwd`` (gradients into every hypernetwork
-parameter, the features frozen, as in training). bf16 autocast on a GPU (the default of
-`generate`, fp32 weights), fp32 on the CPU. Each row carries the FLOPs of the whole pass
-(`hypernet_flops`), the FLOP floor (those FLOPs at the device's measured matmul rate, bf16 on
-a GPU, fp32 on the CPU) and time / floor.
+features of one video of 3 / 12 / 64 / 256 / 1024 frames (64 / 81 tokens per frame plus 64
+prompt tokens; 500M: S = 256 at 3 frames, 832 at 12). Providers, interleaved round by round
+with a dense matmul (the FLOP floor's yardstick, measured under the same load):
+``reference`` (the previous torch path: the ops' torch backend set to the references, K/V
+materialised, three linears), ``torch`` (the torch fast paths: K/V absorbed, gate+up as one
+GEMM), ``triton`` (GPU only) and ``authors`` (their ``HyperLoRA.generate_weights`` and
+``combine_lora`` with the same weights, imported from ``$V2L_AUTHORS_CODE``; a row says "not
+available" when it is unset). Modes ``fwd`` (no grad, as at internalisation) and ``fwd+bwd``
+(gradients into every hypernetwork parameter, the features frozen, as in training; not for the
+authors' module). bf16 autocast on a GPU (the default of `generate`, fp32 weights), fp32 on the
+CPU. Each row carries the FLOPs of the whole pass (`hypernet_flops`), the FLOP floor (those
+FLOPs at the fastest matmul round's rate, bf16 on a GPU, fp32 on the CPU), time / floor, and
+the relative error of the provider's adapters against the reference provider's.
 
 Serving (op "serve"): a random SmolVLM2 text decoder (Llama) answers a batch of B prompts of
 64 tokens, prompt b with its own rank-32 adapter on every ``down_proj``: one prefill forward,
@@ -18,23 +23,28 @@ then decode forwards up to ``new_tokens`` greedy tokens (``model.generate``, as 
 Providers: ``base`` (no adapter, the floor), ``LoRAPatch`` with backend ``torch`` / ``triton`` /
 ``cuda`` / ``cpp``, and ``peft``'s mixed-adapter batch (``adapter_names=``). Rows carry tokens/s.
 
-Without CUDA only a small subset runs (the 500M hypernetwork at 12 frames, forward, eager; the
+Without CUDA only a small subset runs (the 500M hypernetwork at 3 and 12 frames, forward; the
 serving comparison on a 2-layer 256M-shaped decoder with 1 and 8 prompts), and triton is
 skipped: the interpreter's timings mean nothing.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import statistics
-import time
 
 import pytest
 import torch
-from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
+from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, interleaved, projection_flops
 
+from v2l_fast import ops, reference
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
-from v2l_fast.ops.registry import runtime_missing
+from v2l_fast.kernels.perceiver_attention_torch import perceiver_attention as torch_attention
+from v2l_fast.kernels.swiglu_mlp_torch import swiglu_mlp as torch_swiglu
+from v2l_fast.ops.registry import positional, runtime_missing
+from v2l_fast.testing import rel_error
 from v2l_fast.vlm.factory import SMOLVLM2_SHAPES, smolvlm_config
 from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers
 
@@ -62,20 +72,15 @@ def derived_record(record, derive):
     return add
 
 
-@functools.cache
-def matmul_flops_per_s() -> float:
-    """The device's measured dense matmul rate: bf16 8192³ on a GPU, fp32 2048³ on the CPU."""
+def matmul_step():
+    """One dense matmul, the yardstick of the FLOP floor: bf16 8192³ on a GPU, fp32 2048³ on the CPU.
+
+    Returns ``(step, flops)``; the bench times it among the providers' rounds and takes the
+    fastest round as the device's rate, so the floor is measured under the same load.
+    """
     n, dtype = (8192, torch.bfloat16) if ON_GPU else (2048, torch.float32)
     a, b = (torch.randn(n, n, device=DEVICE, dtype=dtype) for _ in range(2))
-    best = float("inf")
-    for i in range(13 if ON_GPU else 4):
-        harness.synchronize()
-        start = time.perf_counter()
-        torch.matmul(a, b)
-        harness.synchronize()
-        if i >= (3 if ON_GPU else 1):  # warm-up calls (cuBLAS heuristics, CPU thread pool)
-            best = min(best, time.perf_counter() - start)
-    return 2 * n**3 / best
+    return functools.partial(torch.matmul, a, b), 2 * n**3
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,29 +115,161 @@ def hypernet_flops(model: str, frames: int, training: bool) -> dict[str, int]:
 
 @functools.cache
 def random_hypernet(model: str) -> Frames2LoRA:
-    """A freshly initialised Frames2LoRA for ``model``'s text shapes, on the device (fp32)."""
+    """A Frames2LoRA for ``model``'s text shapes with random weights, on the device (fp32).
+
+    Initialised as the official module, except that ``scaler_B`` (1) and ``bias_B`` (small
+    normal) are moved off their zero init, so that the B adapters the providers are compared on
+    are not identically zero.
+    """
     config = Frames2LoRAConfig.for_vlm(smolvlm_config(model), rank=RANK)
+    torch.manual_seed(0)
     with torch.device(DEVICE):
-        return Frames2LoRA(config).eval()
+        hypernet = Frames2LoRA(config).eval()
+    with torch.no_grad():
+        hypernet.scaler_B["down_proj"].fill_(1.0)
+        hypernet.bias_B["down_proj"].normal_(std=0.02)
+    return hypernet
 
 
-def _hypernet_skip(model: str, frames: int, provider: str, mode: str) -> str | None:
-    if provider == "triton" and not ON_GPU:
-        return TRITON_ON_CPU
-    if not ON_GPU and (model, frames, provider, mode) != ("500M", 12, "torch", "fwd"):
+# The authors' code (FRAMES2LORA_SPEC: package ``ctx_to_lora`` of video2lora/Video2LoRA) is not
+# part of v2l_fast: the bench imports it from the paths in $V2L_AUTHORS_CODE (os.pathsep-separated:
+# the repository's ``src`` and a directory holding its einops / jaxtyping if the venv lacks them).
+AUTHORS_ENV = "V2L_AUTHORS_CODE"
+
+
+def _shim_authors_imports() -> None:
+    """The two shims the spec's fixture run used under transformers 5 (FRAMES2LORA_SPEC §10):
+    the removed ``_prepare_4d_attention_mask`` with its transformers-4.51.3 semantics, and a stub
+    of the text data module (it imports ``datasets``; the hypernetwork does not use it)."""
+    import importlib.util
+    import sys
+    import types
+
+    if importlib.util.find_spec("transformers.modeling_attn_mask_utils") is None:
+        def prepare_4d_attention_mask(mask, dtype, tgt_len=None):
+            bsz, src_len = mask.shape
+            inverted = 1.0 - mask[:, None, None, :].expand(bsz, 1, tgt_len or src_len, src_len).to(dtype)
+            return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
+
+        masks = types.ModuleType("transformers.modeling_attn_mask_utils")
+        masks._prepare_4d_attention_mask = prepare_4d_attention_mask
+        sys.modules[masks.__name__] = masks
+    data = types.ModuleType("ctx_to_lora.data.processing")
+    data.tokenize_ctx_text = None
+    sys.modules.setdefault(data.__name__, data)
+
+
+@functools.cache
+def authors_hypernet(model: str):
+    """``generate(features) -> (A, B)`` of the authors' HyperLoRA holding `random_hypernet`'s
+    weights (strict state-dict load), their ``combine_lora`` with one chunk per video and the
+    bias, as their ``infer.py`` does (§8 steps 2–3); None when $V2L_AUTHORS_CODE is unset."""
+    paths = os.environ.get(AUTHORS_ENV)
+    if not paths:
+        return None
+    import sys
+
+    sys.path[:0] = [p for p in paths.split(os.pathsep) if p not in sys.path]
+    _shim_authors_imports()
+    from ctx_to_lora.modeling.aggregator import AggregatorConfig
+    from ctx_to_lora.modeling.hypernet import HyperLoRA, HypernetConfig
+    from ctx_to_lora.modeling.lora_merger import combine_lora
+    from peft import LoraConfig
+
+    ours = random_hypernet(model)
+    c = ours.config
+    L, H, I, r, D_ = c.num_layers, c.hidden_size, c.intermediate_size, c.rank, c.latent_size
+    aggregator = AggregatorConfig(
+        aggregator_type="perceiver", num_layers=L, num_modules=1, num_extra_modules=0, output_size=D_,
+        feature_size=H, pooling_type=None, num_latent_factor=None, lora_r=r, per_rank_gen=True,
+        n_latent_queries=c.num_latent_queries, num_blocks=c.num_blocks,
+        num_self_attn_per_block=c.num_self_attn_per_block, shared_weights=False, layer_to_layer_ctx_encoder=True)
+    config = HypernetConfig(
+        latent_size=D_, use_light_weight_lora=False, light_weight_latent_size=None, per_rank_gen=True,
+        use_per_rank_bias=False, use_bias=True, per_layer_processing=False, use_token_mixing=False,
+        num_pre_head_layers=c.num_pre_head_layers, dropout_rate=0.0,
+        lora_config=LoraConfig(r=r, lora_alpha=c.lora_alpha, target_modules=["down_proj"]), extra_modules=None,
+        base_hidden_size=H, layer_indices=torch.arange(L), feature_sizes=({"down_proj": I}, {"down_proj": H}),
+        aggregator_config=aggregator)
+    with torch.device(DEVICE):
+        theirs = HyperLoRA(config).eval()
+    theirs.load_state_dict(ours.state_dict(), strict=True)
+
+    def generate(features):
+        loras, _ = theirs.generate_weights(features, torch.ones(features.shape[0], features.shape[2],
+                                                                dtype=torch.long, device=features.device))
+        ones = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
+        combined = combine_lora(loras, ones, lora_bias=theirs.get_head_bias())["down_proj"]
+        return combined["A"], combined["B"]
+
+    return generate
+
+
+@contextlib.contextmanager
+def torch_backend_is(implementations: dict):
+    """Register ``implementations`` ({op name: fn}) as the ops' torch backend for the block."""
+    saved = {name: getattr(ops, name).op.backends["torch"] for name in implementations}
+    for name, fn in implementations.items():
+        getattr(ops, name).op.register("torch", fn)
+    try:
+        with ops.use_backend("torch"):
+            yield
+    finally:
+        for name, fn in saved.items():
+            getattr(ops, name).op.register("torch", fn)
+
+
+# The hypernetwork providers: the previous torch path (the ops' references: K/V materialised,
+# three linears), the torch fast paths, the Triton kernels (GPU), the authors' code.
+TORCH_PATHS = {
+    "reference": {"perceiver_attention": positional(reference.perceiver_attention),
+                  "swiglu_mlp": reference.swiglu_mlp},
+    "torch": {"perceiver_attention": torch_attention, "swiglu_mlp": torch_swiglu},
+}
+HYPERNET_PROVIDERS = ("reference", "torch", "triton", "authors")
+# frames → S = 64·frames + 64 for the 500M model: 3 frames is S = 256, 12 frames S = 832.
+HYPERNET_FRAMES = (3, 12, 64, 256, 1024)
+
+
+def _hypernet_generate(provider: str, model: str):
+    """``generate(features) -> (A, B)`` of ``provider``, or None when it cannot run here."""
+    hypernet = random_hypernet(model)
+    if provider == "authors":
+        return authors_hypernet(model)
+    if provider == "triton":
+        if not ON_GPU:
+            return None  # the interpreter's timings mean nothing
+
+        def generate(features):
+            with ops.use_backend("triton"):
+                out = hypernet.generate(features)
+            return out.A, out.B
+
+        return generate
+
+    def generate(features):
+        with torch_backend_is(TORCH_PATHS[provider]):
+            out = hypernet.generate(features)
+        return out.A, out.B
+
+    return generate
+
+
+def _hypernet_skip(model: str, frames: int, mode: str) -> str | None:
+    if not ON_GPU and (model != "500M" or frames > 12 or mode != "fwd"):
         return CPU_ONLY_SUBSET
     return None
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["torch", "triton"])
-@pytest.mark.parametrize("frames", FRAMES)
+@pytest.mark.parametrize("frames", HYPERNET_FRAMES)
 @pytest.mark.parametrize("model", MODELS)
-def test_hypernet(benchmark, bench_record, monkeypatch, model, frames, provider, mode):
-    reason = _hypernet_skip(model, frames, provider, mode)
+def test_hypernet(benchmark, bench_record, model, frames, mode):
+    """Every provider on the same features and weights, interleaved round by round, with the FLOP
+    floor measured in the same rounds and each provider's adapters against the reference's."""
+    reason = _hypernet_skip(model, frames, mode)
     if reason:
         pytest.skip(reason)
-    monkeypatch.setenv("V2L_BACKEND", provider)
     hypernet = random_hypernet(model)
     cfg = hypernet.config
     S = context_length(model, frames)
@@ -143,23 +280,47 @@ def test_hypernet(benchmark, bench_record, monkeypatch, model, frames, provider,
     shape = (1, cfg.num_layers, cfg.adapter_rank)
     grad_A = torch.randn(*shape, cfg.intermediate_size, generator=gen, device=DEVICE)
     grad_B = torch.randn(*shape, cfg.hidden_size, generator=gen, device=DEVICE)
+    generators = {p: _hypernet_generate(p, model) for p in HYPERNET_PROVIDERS}
+    if training:  # the authors' module holds its own parameters: only ours are differentiated
+        generators.pop("authors")
+    generators = {p: g for p, g in generators.items() if g is not None}
 
-    def step():
-        if not training:
-            with torch.no_grad():
-                return hypernet.generate(features)
-        out = hypernet.generate(features)
-        return torch.autograd.grad((out.A, out.B), params, (grad_A, grad_B))
+    with torch.no_grad():
+        adapters = {p: g(features) for p, g in generators.items()}
 
+    def step_of(generate):
+        def step():
+            if not training:
+                with torch.no_grad():
+                    return generate(features)
+            A, B = generate(features)
+            return torch.autograd.grad((A, B), params, (grad_A, grad_B))
+
+        return step
+
+    matmul, matmul_flops = matmul_step()
+    steps = {"matmul": matmul, **{p: step_of(g) for p, g in generators.items()}}
     parts = hypernet_flops(model, frames, training)
     flops = sum(parts.values())
-    rate = matmul_flops_per_s()
-    floor = flops / rate
-    record = derived_record(bench_record, lambda median: {"time_over_flop_floor": median / floor})
-    harness.measure(benchmark, record, step, rounds=5 if ON_GPU else 1, op="hypernet", model=model,
-                    frames=frames, S=S, L=cfg.num_layers, H=cfg.hidden_size, I=cfg.intermediate_size,
-                    provider=provider, mode=mode, dtype="bf16 autocast, fp32 weights" if ON_GPU else "fp32",
-                    flops=flops, flops_by_part=parts, matmul_tflops=rate / 1e12, flop_floor_s=floor)
+
+    def derive(provider, times):
+        rate = matmul_flops / min(times["matmul"])
+        floor = flops / rate
+        mine = times[provider]
+        A, B = adapters.get(provider, (None, None))
+        ref_A, ref_B = adapters["reference"]
+        return {
+            "flops": matmul_flops if provider == "matmul" else flops,
+            "matmul_tflops": rate / 1e12, "flop_floor_s": floor,
+            "time_over_flop_floor": statistics.median(mine) / floor, "min_time_over_flop_floor": min(mine) / floor,
+            "adapter_rel_error_vs_reference": None if A is None else max(rel_error(A, ref_A), rel_error(B, ref_B)),
+        }
+
+    authors = "available" if "authors" in generators else f"not available (${AUTHORS_ENV} unset)"
+    interleaved(benchmark, bench_record, steps, rounds=5 if ON_GPU else 7, derive=derive, op="hypernet",
+                model=model, frames=frames, S=S, L=cfg.num_layers, H=cfg.hidden_size, I=cfg.intermediate_size,
+                mode=mode, dtype="bf16 autocast, fp32 weights" if ON_GPU else "fp32", flops_by_part=parts,
+                authors_code=authors)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,30 +1,36 @@
-"""Benchmarks of the Perceiver hypernetwork's hot paths: the cross-attention blocks and the
-modality projection, at the workloads of SmolVLM2-500M and -2.2B (`pytest bench/bench_perceiver_attention.py
---benchmark`).
+"""Benchmarks of the Perceiver hypernetwork's cross-attention blocks at the workloads of
+SmolVLM2-500M and -2.2B (`pytest bench/bench_perceiver_attention.py --benchmark`); the modality
+projection's SwiGLU is in bench_swiglu_mlp.py.
 
 Blocks: the 9 encoder cross-attention layers (D=512, Q=8 latents, nh=16, hd=128, nkv=4) over the
 projected context of one video (N = L rows), ``z ← z + attention(z, context)`` per layer, forward
 (no grad, as at internalisation) and forward+backward (gradients for the latents, every weight
 and the context, as in training). Providers: ``reference`` (eager, K/V materialised),
-``sdpa`` (K/V materialised, torch scaled_dot_product_attention), ``triton`` (absorbed K/V).
-Projection: the SwiGLU H → 4H → D over all L·S rows, ``torch`` (three linears) vs ``triton``.
+``sdpa`` (K/V materialised, torch scaled_dot_product_attention), ``torch`` (the torch backend,
+K/V absorbed into the queries) and ``triton`` (absorbed K/V, flash-decoding kernel).
 
-Without CUDA only 12 frames run (fp32, short rounds) and triton is skipped: the interpreter's
-timings mean nothing. Each row carries its FLOP count, the bytes of projected context read (for
-the blocks) and the peak extra CUDA memory.
+The providers of one workload run interleaved, round by round (`interleaved`): on a shared,
+noisy machine every provider then sees the same load, and the rows' ratios are side by side.
+Without CUDA only 12 frames run (fp32) and triton is skipped: the interpreter's timings mean
+nothing. Each row carries its FLOP count (the absorbed count for the absorbed providers) and the
+bytes of projected context read.
 """
 
 from __future__ import annotations
 
 import functools
 import math
+import statistics
+import time
+from collections.abc import Callable
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from v2l_fast.kernels.perceiver_attention_torch import perceiver_attention as torch_attention
 from v2l_fast.reference import perceiver_attention as reference_attention
-from v2l_fast.reference import rms_norm, swiglu_mlp
+from v2l_fast.reference import rms_norm
 
 import harness
 
@@ -53,6 +59,34 @@ def projection_flops(rows: int, H: int) -> int:
     return rows * (2 * H * 8 * H + 2 * 4 * H * D)
 
 
+def interleaved(benchmark, record, steps: dict[str, Callable], *, rounds: int, derive=None, **row) -> None:
+    """Time every provider's ``step`` once per round, the providers in turn, and record a row each.
+
+    One warm-up call per provider first; round k starts at provider k mod n, so that no provider
+    always follows the same one. A row holds ``median_s``, ``min_s`` and the raw times, plus
+    ``derive(provider, times)`` when given (``times``: every provider's round times). The whole
+    run is one pytest-benchmark round (the fixture only marks the test as a benchmark).
+    """
+    names = list(steps)
+    times = {name: [] for name in names}
+
+    def run_all():
+        for name in names:
+            harness.timed(steps[name])()
+        for k in range(rounds):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                start = time.perf_counter()
+                harness.timed(steps[name])()
+                times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    for name in names:
+        data = times[name]
+        extra = derive(name, times) if derive else {}
+        record(None, **row, provider=name, median_s=statistics.median(data), min_s=min(data),
+               rounds=len(data), raw_s=data, **extra)
+
+
 def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
                    latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
     """The materialised-K/V peer: both norms, K/V of [context ; latents], fused SDPA, o_proj."""
@@ -69,13 +103,22 @@ def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weig
 
 
 def _provider(name: str):
+    """The attention of provider ``name``, called with keyword weights as the reference."""
     if name == "reference":
-        return functools.partial(reference_attention, check=False)
+        return reference_attention
     if name == "sdpa":
         return sdpa_attention
-    from v2l_fast.kernels.perceiver_attention import perceiver_attention
+    if name == "torch":
+        kernel = torch_attention
+    else:
+        from v2l_fast.kernels.perceiver_attention import perceiver_attention as kernel
 
-    return functools.partial(perceiver_attention, check=False)
+    def call(latents, context, mask, *, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
+             context_norm_weight, num_heads, num_kv_heads):
+        return kernel(latents, context, mask, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
+                      context_norm_weight, num_heads, num_kv_heads, 1e-6)
+
+    return call
 
 
 def _block_weights(requires_grad: bool):
@@ -92,22 +135,20 @@ def _block_weights(requires_grad: bool):
             for _ in range(NUM_BLOCKS)]
 
 
-def _skip_reason(frames: int, provider: str) -> str | None:
-    if provider == "triton" and not ON_GPU:
-        return "triton runs only under the interpreter without a GPU: its timing is not meaningful"
-    if frames > 12 and not ON_GPU:
-        return "without a GPU only the 12-frame workloads run (CPU time)"
-    return None
+PROVIDERS = ("reference", "sdpa", "torch", "triton")
+
+
+def _providers() -> list[str]:
+    # The interpreter's timings mean nothing: triton runs only on a GPU.
+    return [p for p in PROVIDERS if p != "triton" or ON_GPU]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
-@pytest.mark.parametrize("provider", ["reference", "sdpa", "triton"])
 @pytest.mark.parametrize("frames", FRAMES)
 @pytest.mark.parametrize("model", list(MODELS))
-def test_blocks(benchmark, bench_record, model, frames, provider, mode):
-    reason = _skip_reason(frames, provider)
-    if reason:
-        pytest.skip(reason)
+def test_blocks(benchmark, bench_record, model, frames, mode):
+    if frames > 12 and not ON_GPU:
+        pytest.skip("without a GPU only the 12-frame workloads run (CPU time)")
     L, S = MODELS[model]["L"], context_length(model, frames)
     training = mode == "fwd+bwd"
     gen = torch.Generator().manual_seed(1)
@@ -115,55 +156,30 @@ def test_blocks(benchmark, bench_record, model, frames, provider, mode):
     latents = torch.randn(L, Q, D, generator=gen).to(DEVICE, DTYPE).requires_grad_(training)
     mask = torch.ones(1, S, dtype=torch.bool, device=DEVICE)
     blocks = _block_weights(training)
-    attention = functools.partial(_provider(provider), num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS)
-
-    def forward():
-        z = latents
-        for weights in blocks:
-            z = z + attention(z, context, mask, **weights)
-        return z
-
     leaves = [latents, context] + [w for weights in blocks for w in weights.values()]
     grad_out = torch.randn(L, Q, D, generator=gen).to(DEVICE, DTYPE)
 
-    def step():
-        if not training:
-            with torch.no_grad():
-                return forward()
-        return torch.autograd.grad(forward(), leaves, grad_out)
+    def step_of(provider):
+        attention = functools.partial(_provider(provider), num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS)
 
-    flops = block_flops(L, S, absorbed=provider == "triton")
-    harness.measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 2, op="blocks", model=model,
-             frames=frames, S=S, rows=L, provider=provider, mode=mode, dtype=str(DTYPE),
-             flops=flops * (3 if training else 1), bytes=NUM_BLOCKS * context.numel() * context.element_size())
+        def forward():
+            z = latents
+            for weights in blocks:
+                z = z + attention(z, context, mask, **weights)
+            return z
 
+        def step():
+            if not training:
+                with torch.no_grad():
+                    return forward()
+            return torch.autograd.grad(forward(), leaves, grad_out)
 
-@pytest.mark.parametrize("provider", ["torch", "triton"])
-@pytest.mark.parametrize("frames", FRAMES)
-@pytest.mark.parametrize("model", list(MODELS))
-def test_projection(benchmark, bench_record, model, frames, provider):
-    reason = _skip_reason(frames, provider)
-    if reason:
-        pytest.skip(reason)
-    if model != "500M" and not ON_GPU:
-        pytest.skip("without a GPU only the 500M projection runs (CPU time)")
-    L, H = MODELS[model]["L"], MODELS[model]["H"]
-    rows = L * context_length(model, frames)
-    gen = torch.Generator().manual_seed(2)
-    x = torch.randn(rows, H, generator=gen).to(DEVICE, DTYPE)
-    gate, up = ((torch.randn(4 * H, H, generator=gen) / math.sqrt(H)).to(DEVICE, DTYPE) for _ in range(2))
-    down = (torch.randn(D, 4 * H, generator=gen) / math.sqrt(4 * H)).to(DEVICE, DTYPE)
-    if provider == "torch":
-        fn = functools.partial(swiglu_mlp, x, gate, up, down)
-    else:
-        from v2l_fast.kernels.swiglu_mlp import swiglu_mlp as fused
+        return step
 
-        fn = functools.partial(fused, x, gate, up, down)
+    def derive(provider, times):
+        flops = block_flops(L, S, absorbed=provider in ("torch", "triton")) * (3 if training else 1)
+        return {"flops": flops, "tflop_s": flops / statistics.median(times[provider]) / 1e12}
 
-    def step():
-        with torch.no_grad():
-            return fn()
-
-    harness.measure(benchmark, bench_record, step, rounds=10 if ON_GPU else 1, op="projection", model=model,
-             frames=frames, rows=rows, provider=provider, mode="fwd", dtype=str(DTYPE),
-             flops=projection_flops(rows, H))
+    interleaved(benchmark, bench_record, {p: step_of(p) for p in _providers()}, rounds=10 if ON_GPU else 3,
+                derive=derive, op="blocks", model=model, frames=frames, S=S, rows=L, mode=mode,
+                dtype=str(DTYPE), bytes=NUM_BLOCKS * context.numel() * context.element_size())
