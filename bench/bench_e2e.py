@@ -160,31 +160,44 @@ def _shim_authors_imports() -> None:
 
 
 @functools.cache
-def authors_hypernet(model: str):
-    """``generate(features) -> (A, B)`` of the authors' HyperLoRA holding `random_hypernet`'s
-    weights (strict state-dict load), their ``combine_lora`` with one chunk per video and the
-    bias, as their ``infer.py`` does (§8 steps 2–3); None when $V2L_AUTHORS_CODE is unset."""
+def authors_code():
+    """The authors' modules used here (``HyperLoRA``, ``HypernetConfig``, ``AggregatorConfig``,
+    ``combine_lora``) as a namespace, or None when $V2L_AUTHORS_CODE is unset."""
     paths = os.environ.get(AUTHORS_ENV)
     if not paths:
         return None
     import sys
+    import types
 
     sys.path[:0] = [p for p in paths.split(os.pathsep) if p not in sys.path]
     _shim_authors_imports()
     from ctx_to_lora.modeling.aggregator import AggregatorConfig
     from ctx_to_lora.modeling.hypernet import HyperLoRA, HypernetConfig
     from ctx_to_lora.modeling.lora_merger import combine_lora
+
+    return types.SimpleNamespace(AggregatorConfig=AggregatorConfig, HyperLoRA=HyperLoRA,
+                                 HypernetConfig=HypernetConfig, combine_lora=combine_lora)
+
+
+@functools.cache
+def authors_hypernet(model: str):
+    """``generate(features) -> (A, B)`` of the authors' HyperLoRA holding `random_hypernet`'s
+    weights (strict state-dict load), their ``combine_lora`` with one chunk per video and the
+    bias, as their ``infer.py`` does (§8 steps 2–3); None when $V2L_AUTHORS_CODE is unset."""
+    code = authors_code()
+    if code is None:
+        return None
     from peft import LoraConfig
 
     ours = random_hypernet(model)
     c = ours.config
     L, H, I, r, D_ = c.num_layers, c.hidden_size, c.intermediate_size, c.rank, c.latent_size
-    aggregator = AggregatorConfig(
+    aggregator = code.AggregatorConfig(
         aggregator_type="perceiver", num_layers=L, num_modules=1, num_extra_modules=0, output_size=D_,
         feature_size=H, pooling_type=None, num_latent_factor=None, lora_r=r, per_rank_gen=True,
         n_latent_queries=c.num_latent_queries, num_blocks=c.num_blocks,
         num_self_attn_per_block=c.num_self_attn_per_block, shared_weights=False, layer_to_layer_ctx_encoder=True)
-    config = HypernetConfig(
+    config = code.HypernetConfig(
         latent_size=D_, use_light_weight_lora=False, light_weight_latent_size=None, per_rank_gen=True,
         use_per_rank_bias=False, use_bias=True, per_layer_processing=False, use_token_mixing=False,
         num_pre_head_layers=c.num_pre_head_layers, dropout_rate=0.0,
@@ -192,14 +205,14 @@ def authors_hypernet(model: str):
         base_hidden_size=H, layer_indices=torch.arange(L), feature_sizes=({"down_proj": I}, {"down_proj": H}),
         aggregator_config=aggregator)
     with torch.device(DEVICE):
-        theirs = HyperLoRA(config).eval()
+        theirs = code.HyperLoRA(config).eval()
     theirs.load_state_dict(ours.state_dict(), strict=True)
 
     def generate(features):
         loras, _ = theirs.generate_weights(features, torch.ones(features.shape[0], features.shape[2],
                                                                 dtype=torch.long, device=features.device))
         ones = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
-        combined = combine_lora(loras, ones, lora_bias=theirs.get_head_bias())["down_proj"]
+        combined = code.combine_lora(loras, ones, lora_bias=theirs.get_head_bias())["down_proj"]
         return combined["A"], combined["B"]
 
     return generate
@@ -321,6 +334,34 @@ def test_hypernet(benchmark, bench_record, model, frames, mode):
                 model=model, frames=frames, S=S, L=cfg.num_layers, H=cfg.hidden_size, I=cfg.intermediate_size,
                 mode=mode, dtype="bf16 autocast, fp32 weights" if ON_GPU else "fp32", flops_by_part=parts,
                 authors_code=authors)
+
+
+@pytest.mark.parametrize("n_chunks", [(1,) * 8, (2, 1, 3, 2)], ids=["8x1", "ragged-2-1-3-2"])
+def test_combine_lora(benchmark, bench_record, n_chunks):
+    """`hypernet.combine_lora` against the authors' (one group loop per module and factor) on the
+    500M adapters: 8 chunks, one per video (the released path) or ragged groups."""
+    from v2l_fast.hypernet import combine_lora
+
+    text = SMOLVLM2_SHAPES["500M"]["text"]
+    L, H, I = text["num_hidden_layers"], text["hidden_size"], text["intermediate_size"]
+    gen = torch.Generator(DEVICE).manual_seed(3)
+    A, B = (torch.randn(sum(n_chunks), L, RANK, width, generator=gen, device=DEVICE) for width in (I, H))
+    bias = tuple(torch.randn(L, RANK, width, generator=gen, device=DEVICE) for width in (I, H))
+    sizes = torch.tensor(n_chunks, device=DEVICE)
+    steps = {"v2l_fast": functools.partial(combine_lora, A, B, sizes, bias=bias)}
+    code = authors_code()
+    if code is not None:
+        loras, lora_bias = {"down_proj": {"A": A, "B": B}}, {"down_proj": {"A": bias[0], "B": bias[1]}}
+
+        def authors():
+            out = code.combine_lora(loras, sizes, lora_bias=lora_bias)["down_proj"]
+            return out["A"], out["B"]
+
+        steps["authors"] = authors
+        ours, theirs = steps["v2l_fast"](), authors()
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+    interleaved(benchmark, bench_record, steps, rounds=20, op="combine_lora", model="500M", n_chunks=list(n_chunks),
+                L=L, r=RANK, I=I, H=H, authors_code="available" if code else f"not available (${AUTHORS_ENV} unset)")
 
 
 # ---------------------------------------------------------------------------------------------
