@@ -232,6 +232,59 @@ def test_triton_gradient_of_one_input_only(poisoned):
     assert torch.count_nonzero(A.grad[:, 0]) == 0  # only the selected layer gets a gradient
 
 
+def training_case(videos, questions, tokens, I, O, R, n, *, adapters=None, mixed_ranks=False, L=None, seed=0):
+    """A batch laid out as the trainer does: each video's questions in consecutive rows."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = videos * questions
+    adapters = torch.arange(videos) % n if adapters is None else torch.tensor(adapters)
+    pool = (n,) if L is None else (n, L)
+    return dict(x=torch.randn(rows * tokens, I, generator=gen), A=torch.randn(*pool, R, I, generator=gen) / I**0.5,
+                B=torch.randn(*pool, R, O, generator=gen) / R**0.5, seg_indptr=torch.arange(rows + 1) * tokens,
+                seg_adapter=adapters.repeat_interleave(questions),
+                ranks=torch.randint(1, R + 1, (n,), generator=gen) if mixed_ranks else None,
+                layer=None if L is None else L - 1, scaling=0.5, base=torch.randn(rows * tokens, O, generator=gen))
+
+
+RUN_CASES = {
+    # videos, questions, tokens, I, O, R, n, extra
+    "256M_8_videos_x_4_questions": (8, 4, 16, 1536, 576, 16, 8, {}),
+    "mixed_ranks_layer_pool": (3, 2, 5, 40, 24, 16, 3, dict(mixed_ranks=True, L=2)),
+    "an_adapter_in_two_runs": (3, 2, 4, 32, 20, 8, 2, dict(adapters=[0, 1, 0])),
+    "one_video": (1, 5, 7, 24, 16, 4, 1, {}),
+}
+
+
+@pytest.mark.parametrize("name", list(RUN_CASES))
+def test_torch_runs_match_the_fp64_reference_with_gradients(name):
+    from v2l_fast.kernels.lora_sgmv_torch import uniform_runs
+
+    videos, questions, tokens, I, O, R, n, extra = RUN_CASES[name]
+    args = training_case(videos, questions, tokens, I, O, R, n, **extra)
+    assert uniform_runs(args["seg_indptr"], args["seg_adapter"], args["x"].shape[0]) is not None
+    leaves = {k: args[k].clone().requires_grad_() for k in ("x", "A", "B", "base")}
+    out = ops.lora_sgmv(**(args | leaves), backend="torch")
+    assert_rel_close(out, reference_fp64(args).float(), torch.float32)
+    dy = torch.randn(out.shape, generator=torch.Generator().manual_seed(3))
+    out.backward(dy)
+    double = {k: v.detach().double().requires_grad_() for k, v in leaves.items()}
+    reference(**(args | double)).backward(dy.double())
+    for k in leaves:
+        assert_rel_close(leaves[k].grad, double[k].grad.float(), torch.float32)
+
+
+@pytest.mark.parametrize("indptr,adapters,expected", [
+    ([0, 4, 8, 12], [2, 2, 0], None),            # runs of 8 and 4 tokens: ragged
+    ([0, 4, 8, 12], [2, -1, 0], None),           # tokens without an adapter
+    ([0, 4, 4, 8], [1, 2, 0], [1, 0]),           # an empty segment (of adapter 2) is no run
+    ([0, 3, 6, 9, 12], [1, 1, 0, 0], [1, 0]),    # two rows per run
+    ([0, 0], [0], None),                         # no tokens
+])
+def test_uniform_runs_finds_equal_runs_that_tile_the_tokens(indptr, adapters, expected):
+    from v2l_fast.kernels.lora_sgmv_torch import uniform_runs
+
+    assert uniform_runs(torch.tensor(indptr), torch.tensor(adapters), indptr[-1]) == expected
+
+
 def _bad_args():
     return dict(x=torch.randn(5, 8), A=torch.randn(2, 3, 8), B=torch.randn(2, 3, 4),
                 seg_indptr=torch.tensor([0, 2, 5]), seg_adapter=torch.tensor([0, 1]))

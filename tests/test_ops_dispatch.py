@@ -31,7 +31,7 @@ def test_torch_is_always_available_and_only_real_backends_are_listed():
         assert "torch" in ops.available_backends(op)
 
 
-def test_torch_backend_is_the_reference():
+def test_torch_backend_on_a_ragged_batch_is_the_reference_loop():
     args = _sgmv_args()
     torch.testing.assert_close(ops.lora_sgmv(*args, backend="torch"), reference.lora_sgmv(*args), rtol=0, atol=0)
 

@@ -1,9 +1,10 @@
 """`lora_sgmv`: segmented multi-adapter LoRA with backend dispatch (see v2l_fast.reference.lora_sgmv).
 
-Backends: "torch" (the reference), "triton" (shrink/expand kernels with autograd, prefill,
-decode and training), "cuda" (compiled decode kernel, shrink and expand in one launch) and
-"cpp" (compiled CPU kernel). The compiled kernels are forward-only: when a gradient is needed
-they hand over to the differentiable backend of the same device (torch, resp. triton).
+Backends: "torch" (batched GEMMs over runs of one adapter, else the reference's loop),
+"triton" (shrink/expand kernels with autograd, prefill, decode and training), "cuda" (compiled
+decode kernel, shrink and expand in one launch) and "cpp" (compiled CPU kernel). The compiled
+kernels are forward-only: when a gradient is needed they hand over to the differentiable
+backend of the same device (torch, resp. triton).
 
 Kernel arguments (what every backend takes, positionally; the public op prepares them)::
 
@@ -23,6 +24,7 @@ from v2l_fast._ext import require_extension
 from v2l_fast.errors import fail
 from v2l_fast.kernels.lora_sgmv_metadata import LoraSgmvMetadata
 from v2l_fast.kernels.lora_sgmv_metadata import lora_sgmv_metadata as build_metadata
+from v2l_fast.kernels.lora_sgmv_torch import lora_sgmv as torch_lora_sgmv
 from v2l_fast.ops import checks
 from v2l_fast.ops.registry import Resolved, define_op, kernel_schema
 from v2l_fast.reference.lora_sgmv import lora_sgmv as reference
@@ -70,11 +72,17 @@ def _needs_grad(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, base: torch.T
                                         or (base is not None and base.requires_grad))
 
 
-def _torch(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: torch.Tensor, seg_adapter: torch.Tensor,
-           ranks: torch.Tensor | None, scaling: float, base: torch.Tensor | None, work: list[torch.Tensor],
-           block_m: int) -> torch.Tensor:
-    """The reference (fp32 accumulation, fp64 for fp64 inputs; autograd)."""
+def _reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: torch.Tensor,
+               seg_adapter: torch.Tensor, ranks: torch.Tensor | None, scaling: float, base: torch.Tensor | None,
+               work: list[torch.Tensor], block_m: int) -> torch.Tensor:
+    """The reference's per-adapter loop on kernel arguments (this signature is the op's schema)."""
     return reference(x, A, B, seg_indptr, seg_adapter, ranks=ranks, scaling=scaling, base=base)
+
+
+def _torch(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
+    """Batched GEMMs over runs of one adapter (training batches), else the reference's loop."""
+    return torch_lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m,
+                           fallback=_reference)
 
 
 def _cpp(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
@@ -109,7 +117,7 @@ def _prepare(a, kernel: Resolved) -> torch.Tensor:
 
 lora_sgmv = define_op(
     reference, check=checks.lora_sgmv, device_of=lambda a: a.x.device, prepare=_prepare,
-    extras={"metadata": None}, schema=kernel_schema(_torch), fake=_output_like,
+    extras={"metadata": None}, schema=kernel_schema(_reference), fake=_output_like,
     # GPU order is by design, unmeasured (no GPU lent yet). CPU: cpp beat torch on every row of
     # bench/results/bench_lora_sgmv_cpu.json (decode 1.4-4.5x, prefill 1.7x; see bench/NOTES.md).
     auto={"cuda": ("triton", "torch"), "cpu": ("cpp", "torch")})
