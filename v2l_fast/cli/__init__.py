@@ -16,7 +16,7 @@ import sys
 from collections.abc import Sequence
 
 import v2l_fast
-from v2l_fast.cli import ask, demo, info, internalize, teacher
+from v2l_fast.cli import ask, demo, info, internalize, teacher, world
 from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
 
 __all__ = ["build_parser", "main"]
@@ -28,7 +28,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Frames2LoRA), then answer questions with zero visual tokens.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {v2l_fast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for command in (demo, internalize, ask, info, teacher):
+    for command in (demo, internalize, ask, info, teacher, world):
         command.add_parser(commands)
     return parser
 
