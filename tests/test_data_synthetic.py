@@ -322,6 +322,8 @@ def test_bad_scene_rng_frames_and_prior_arguments_are_refused(tmp_path):
         render_clip({"objects": []})
     with pytest.raises(ValueError, match=r"^rng: expected a numpy.random.Generator, got int$"):
         sample_scene(0)
+    with pytest.raises(ValueError, match=r"^rng: expected a numpy.random.Generator, got int$"):
+        questions_for(sample_scene(np.random.default_rng(0)), 0)
     with pytest.raises(ValueError, match=r"^key: expected 'question_type' or 'prompt', got 'answer'$"):
         answer_prior([], key="answer")
     with pytest.raises(ValueError, match=r"^rows: expected at least one question row \(task_type 'qa'\), got none$"):

@@ -155,8 +155,7 @@ def sample_scene(rng: np.random.Generator) -> Scene:
     distance in `TRAVEL`. Positions are rounded to 1/1000 of the frame. The few draws whose
     objects cannot be placed apart (`PLACEMENT_TRIES` fail) are drawn again.
     """
-    if not isinstance(rng, np.random.Generator):
-        fail("rng", "a numpy.random.Generator", type(rng).__name__)
+    _check_rng(rng)
     while True:
         count = int(rng.integers(1, 4))
         colours = [tuple(COLOURS)[i] for i in rng.permutation(len(COLOURS))[:count]]
@@ -308,6 +307,7 @@ def questions_for(scene: Scene, rng: np.random.Generator, k: int = 4) -> list[Qu
     """
     if not isinstance(scene, Scene):
         fail("scene", "a Scene", type(scene).__name__)
+    _check_rng(rng)
     _check_int("k", k, 1)
     candidates = _candidates(scene)
     ask_count = rng.random() < min(1.0, k / len(QUESTION_TYPES))
@@ -389,7 +389,9 @@ def generate_world(out_dir: str | os.PathLike, *, num_train: int, num_val: int, 
     into place, so an interrupted run never leaves a half-written file under its final name.
     Clip ``i`` of split ``s`` is drawn from ``default_rng([seed, s, i])`` (``heldout_seed``
     instead of ``seed`` for the held-out split, when given); a scene already drawn elsewhere in
-    the world is drawn again from the same generator, so splits never share a clip.
+    the world is drawn again from the same generator, so splits never share a clip. Files of an
+    earlier world in ``out_dir`` that this one does not overwrite (videos of a bigger world)
+    are left as they are; the manifests name only this world's videos.
     """
     _check_int("num_train", num_train, 1)
     _check_int("num_val", num_val, 0)
@@ -488,6 +490,11 @@ def _atomic_text(path: str, text: str) -> None:
 def _check_int(name: str, value: object, minimum: int) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
         fail(name, f"an integer ≥ {minimum}", repr(value))
+
+
+def _check_rng(rng: object) -> None:
+    if not isinstance(rng, np.random.Generator):
+        fail("rng", "a numpy.random.Generator", type(rng).__name__)
 
 
 def _check_frames(frames: object) -> None:
