@@ -188,8 +188,9 @@ def read_manifest(path: str | os.PathLike, *, data_root: str | os.PathLike | Non
                     raise _Refused("id", "an id used by no other row",
                                    f"{_short(row.id)}, already the id of line {first_line[row.id]}")
                 if check_videos and not os.path.isfile(row.video_file):
+                    written = json.dumps(row.video_path, ensure_ascii=False)
                     raise _Refused("video_path", "an existing video file",
-                                   f"{_short(row.video_path)} (resolved to {row.video_file!r}, which was not found)")
+                                   f"{written} (resolved to {row.video_file!r}, which was not found)")
             except _Refused as refused:
                 reason = BadRow(path, number, refused.field, refused.expected, refused.got)
                 if not skip_bad_rows:

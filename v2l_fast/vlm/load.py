@@ -73,6 +73,7 @@ def load_smolvlm(name_or_path: str | os.PathLike, *, dtype: torch.dtype | str = 
 
     source = os.fspath(name_or_path)
     _check_source(source)
+    _check_architecture(source)
     model, info = SmolVLMForConditionalGeneration.from_pretrained(source, dtype=dtype, output_loading_info=True)
     _restore_peft_base_weights(model, info, source)
     model = model.to(device).eval()
@@ -93,6 +94,20 @@ def _check_source(source: str) -> None:
     looks_local = source.startswith((".", "~")) or os.path.isabs(source) or source.count("/") > 1
     if looks_local and not os.path.isdir(os.path.expanduser(source)):
         fail("name_or_path", "a hub id (org/name) or an existing model directory", repr(source))
+
+
+def _check_architecture(source: str) -> None:
+    """Refuse a checkpoint of another architecture: transformers would build a default-sized
+    SmolVLM around it (billions of random weights) before noticing the mismatch."""
+    from transformers import AutoConfig
+
+    try:
+        model_type = AutoConfig.from_pretrained(source).model_type
+    except (OSError, ValueError) as err:
+        fail("name_or_path", "a SmolVLM2 checkpoint with a readable config.json", f"{source!r} ({err})")
+    if model_type != "smolvlm":
+        fail("name_or_path", "a SmolVLM2 checkpoint (config model_type 'smolvlm')",
+             f"{source!r}, a {model_type!r} model")
 
 
 def _preprocessor_dict(source: str) -> dict | None:
