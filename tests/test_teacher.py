@@ -7,6 +7,10 @@ from __future__ import annotations
 import json
 import os
 import re
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -221,10 +225,38 @@ def test_relative_video_paths_follow_the_output_to_another_folder(folder, vlm, t
     assert lines_of(tmp_path / "given-root.jsonl")[0]["video_path"] == "clips/c0.mp4"
 
 
-def test_cli_writes_targets_and_reports_bad_input_in_one_line(world, folder, vlm, tmp_path, capsys):
-    model_dir = tmp_path / "vlm"
-    vlm.model.save_pretrained(model_dir)
-    tiny_smolvlm_tokenizer().save_pretrained(model_dir)
+@pytest.fixture(scope="module")
+def model_dir(vlm, folder):
+    """The tiny teacher saved as a model directory, for the command line."""
+    path = folder / "vlm"
+    vlm.model.save_pretrained(path)
+    tiny_smolvlm_tokenizer().save_pretrained(path)
+    return path
+
+
+def test_a_sigkilled_command_resumes_to_the_uninterrupted_result(world, vlm, model_dir, tmp_path):
+    """A real kill: SIGKILL the ``v2l-fast teacher`` process once rows are on disk, run it again."""
+    out = tmp_path / "out.jsonl"
+    argv = ["teacher", world, str(out), "--vlm", str(model_dir), "--batch-size", "1", "--max-new-tokens", "40",
+            "--max-frames", "3", "--device", "cpu", "--dtype", "fp32"]
+    process = subprocess.Popen([sys.executable, "-m", "v2l_fast", *argv], stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and process.poll() is None:
+            if os.path.exists(partial_path(out)) and os.path.getsize(partial_path(out)) > 0:
+                break
+            time.sleep(0.01)
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+    assert os.path.getsize(partial_path(out)) > 0 and not out.exists(), "the run ended before it could be killed"
+    assert main(argv) == 0
+    teach(world, tmp_path / "uninterrupted.jsonl", vlm, max_new_tokens=40, teacher_name=str(model_dir))
+    assert lines_of(out) == lines_of(tmp_path / "uninterrupted.jsonl")
+
+
+def test_cli_writes_targets_and_reports_bad_input_in_one_line(world, folder, vlm, model_dir, tmp_path, capsys):
     common = ("--vlm", str(model_dir), "--batch-size", "3", "--max-new-tokens", str(MAX_NEW_TOKENS),
               "--max-frames", "3", "--device", "cpu", "--dtype", "fp32")
     out = tmp_path / "out.jsonl"
