@@ -1,0 +1,53 @@
+"""A tiny training world for the trainer tests: clips with questions and targets, a tiny VLM on disk,
+and a `TrainConfig` sized to run a few steps in seconds on the CPU."""
+
+from __future__ import annotations
+
+import json
+import os
+
+from v2l_fast.testing import write_test_video
+from v2l_fast.train.config import TrainConfig
+from v2l_fast.vlm.factory import random_smolvlm, tiny_smolvlm_tokenizer
+
+ANSWERS = ["a red circle", "two squares", "it moves left", "nothing moves", "blue", "three shapes"]
+
+
+def write_clips(root, *, clips: int = 6, questions: int = 2, split: str = "train", seed: int = 0) -> str:
+    """``clips`` short random videos under ``root/videos`` and a manifest ``root/{split}.jsonl``
+    with ``questions`` rows (prompt + target) per clip, interleaved; returns the manifest path."""
+    os.makedirs(os.path.join(root, "videos"), exist_ok=True)
+    rows = []
+    for c in range(clips):
+        name = f"{split}-{c}.mp4"
+        write_test_video(os.path.join(root, "videos", name), num_frames=3 + c % 3, fps=2, seed=seed + c)
+        for q in range(questions):
+            rows.append((q, {"id": f"{split}-{c}-q{q}", "video_path": f"videos/{name}",
+                             "prompt": f"Question {q} about clip {c}?",
+                             "target_text": ANSWERS[(c + q) % len(ANSWERS)], "split": split}))
+    path = os.path.join(root, f"{split}.jsonl")
+    with open(path, "w") as f:
+        for _, row in sorted(rows, key=lambda r: r[0]):
+            f.write(json.dumps(row) + "\n")
+    return path
+
+
+def save_tiny_vlm(directory, seed: int = 0) -> str:
+    """A tiny random SmolVLM2 and its tokenizer saved as a model directory (what ``--vlm`` takes)."""
+    model = random_smolvlm("tiny", seed=seed)
+    model.save_pretrained(directory)
+    tiny_smolvlm_tokenizer(model.config.text_config.vocab_size).save_pretrained(directory)
+    return str(directory)
+
+
+def tiny_config(root, **overrides) -> TrainConfig:
+    """A few-step run over ``root/train.jsonl`` (and ``root/val.jsonl`` when present) with a small
+    hypernetwork, no workers and no progress bar; ``overrides`` replace any setting."""
+    val = os.path.join(root, "val.jsonl")
+    settings = dict(train_manifest=os.path.join(root, "train.jsonl"),
+                    val_manifest=val if os.path.isfile(val) else None, out_dir=os.path.join(root, "run"),
+                    rank=4, latent_size=32, num_latent_queries=4, num_blocks=1, max_frames=2, lr=3e-3,
+                    warmup_ratio=0.25, max_steps=6, videos_per_device=2, questions_per_video=2, grad_accum=2,
+                    eval_every=3, save_every=2, keep_last=2, num_workers=0, progress=False, seed=7)
+    settings.update(overrides)
+    return TrainConfig(**settings)
