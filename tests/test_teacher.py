@@ -183,6 +183,19 @@ def test_a_partial_file_of_another_manifest_is_refused(world, vlm, tmp_path):
         teach(world, out, vlm)
 
 
+def test_resuming_with_other_settings_is_refused(world, vlm, tmp_path, monkeypatch):
+    out = tmp_path / "out.jsonl"
+    with monkeypatch.context() as patch:
+        kill_after(patch, vlm.model, "generate", 1)
+        with pytest.raises(Killed):
+            teach(world, out, vlm)
+    with pytest.raises(ValueError, match=r"out\.jsonl\.partial\.jsonl:1: metadata\.teacher_max_new_tokens: expected "
+                                         r"9, as this run \(resume with the same settings\), got 6$"):
+        teach(world, out, vlm, max_new_tokens=9)
+    with pytest.raises(ValueError, match=r"^manifest_out: expected a file in an existing folder, got .*no-such"):
+        teach(world, tmp_path / "no-such" / "out.jsonl", vlm)
+
+
 def test_an_existing_output_is_not_overwritten_unless_asked(world, vlm, tmp_path, reference):
     out = tmp_path / "out.jsonl"
     out.write_text("keep me\n")

@@ -87,15 +87,18 @@ def make_teacher_targets(manifest_in: str | os.PathLike, manifest_out: str | os.
         fail("manifest_out", "a file path", f"the folder {manifest_out!r}")
     if os.path.exists(manifest_out) and not os.path.exists(partial) and not overwrite:
         fail("manifest_out", "a file that does not exist yet (or overwrite)", f"{manifest_out!r}, which exists")
-    rows, bad = read_manifest(manifest_in, data_root=data_root, skip_bad_rows=skip_bad_rows)
     out_dir = os.path.dirname(os.path.abspath(manifest_out))
+    if not os.path.isdir(out_dir):
+        fail("manifest_out", "a file in an existing folder", f"{manifest_out!r}, whose folder does not exist")
+    rows, bad = read_manifest(manifest_in, data_root=data_root, skip_bad_rows=skip_bad_rows)
     if data_root is None:
         rows = [_relocate(row, out_dir) for row in rows]
-    done = _read_partial(partial, {row.id: row for row in rows}, out_dir)
-    resumed = len(done)
-    skipped = [str(reason) for reason in bad]
     settings = dict(max_new_tokens=max_new_tokens, max_frames=max_frames,
                     name=teacher_name or getattr(vlm.model, "name_or_path", "") or type(vlm.model).__name__)
+    done = _read_partial(partial, {row.id: row for row in rows}, out_dir,
+                         {"teacher_model": settings["name"], "teacher_max_new_tokens": max_new_tokens})
+    resumed = len(done)
+    skipped = [str(reason) for reason in bad]
     todo = [row for row in rows if row.id not in done]
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     with open(partial, "a", encoding="utf-8") as sink:
@@ -121,9 +124,10 @@ def _relocate(row: ManifestRow, out_dir: str) -> ManifestRow:
     return replace(row, video_path=os.path.relpath(row.video_file, out_dir))
 
 
-def _read_partial(partial: str, inputs: dict[str, ManifestRow], out_dir: str) -> dict[str, ManifestRow]:
+def _read_partial(partial: str, inputs: dict[str, ManifestRow], out_dir: str,
+                  teacher: dict) -> dict[str, ManifestRow]:
     """Rows a previous run finished: the partial file without its torn tail, checked against
-    the input (same ids and prompts), by id."""
+    the input (same ids and prompts) and this run's ``teacher`` metadata, by id."""
     if not os.path.exists(partial):
         return {}
     with open(partial, "rb+") as handle:
@@ -141,6 +145,10 @@ def _read_partial(partial: str, inputs: dict[str, ManifestRow], out_dir: str) ->
         if source is None or source.prompt != row.prompt:
             fail(f"{row.source}: id", "a row of the input manifest (the partial file of another run?)",
                  f"{row.id!r}, which " + ("is not in the input" if source is None else "has another prompt there"))
+        for key, value in teacher.items():
+            if row.metadata.get(key) != value:
+                fail(f"{row.source}: metadata.{key}", f"{value!r}, as this run (resume with the same settings)",
+                     repr(row.metadata.get(key)))
     return {row.id: row for row in rows}
 
 
