@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import random
 import re
 import shutil
@@ -187,6 +188,6 @@ def load_checkpoint(directory: str, hypernet: Frames2LoRA) -> Loaded:
         trainer = torch.load(trainer_path, map_location="cpu", weights_only=True)
         with open(state_path, encoding="utf-8") as f:
             state = json.load(f)
-    except (OSError, RuntimeError, ValueError) as err:
+    except (OSError, RuntimeError, ValueError, pickle.UnpicklingError) as err:
         fail(directory, f"a complete checkpoint ({TRAINER_FILE}, {STATE_FILE})", " ".join(str(err).split())[:300])
     return Loaded(directory, state, trainer)
