@@ -156,6 +156,12 @@ def test_a_bad_config_file_is_one_line_naming_the_file_and_field(tmp_path, capsy
     assert code == 2 and len(err.splitlines()) == 1 and fragment in err, err
 
 
+def test_a_bad_flag_value_is_one_line_naming_the_flag(capsys):
+    code = main(["train", "--lr", "-1", "--max-steps", "5"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "v2l-fast train: error: --lr: expected a value > 0, got -1.0", err
+
+
 def test_help_explains_every_setting(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])

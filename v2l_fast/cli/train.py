@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import re
 import typing
 
 import torch
@@ -110,7 +111,10 @@ def run_train(args, device: torch.device) -> int:
     overrides = {name: getattr(args, name) for name in FIELDS}
     if overrides["betas"] is not None:
         overrides["betas"] = tuple(overrides["betas"])
-    config = config.replace(**overrides)
+    try:
+        config = config.replace(**overrides)
+    except ValueError as err:  # the file was checked when read: a bad value here is a flag's
+        raise ValueError(re.sub(r"^config: (\w+)", lambda m: _flag(m[1]), str(err))) from None
     result = train(config, device=device)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     best = f", best val CE {result.best_val_ce:.4f}" if result.best_val_ce is not None else ""
