@@ -129,6 +129,16 @@ def test_kl_weight_above_zero_is_refused_not_ignored(world):
         Trainer(tiny_config(world, kl_weight=0.05), vlm=tiny_vlm(seed=0))
 
 
+def test_an_unreadable_video_stops_the_run_with_one_line_naming_its_manifest_row(tmp_path):
+    write_clips(tmp_path, clips=2, questions=1)
+    (tmp_path / "videos" / "train-1.mp4").write_bytes(b"not a video at all")
+    config = tiny_config(tmp_path, videos_per_device=2, grad_accum=1, num_workers=1)
+    with pytest.raises(ValueError) as error:
+        train(config, vlm=tiny_vlm(seed=0))
+    message = str(error.value)
+    assert "\n" not in message and f"{tmp_path / 'train.jsonl'}:2 (id 'train-1-q0'): video_path:" in message, message
+
+
 def test_settings_come_from_spec_defaults_then_the_file_then_the_flags(tmp_path):
     spec = TrainConfig()
     assert (spec.lr, spec.weight_decay, spec.betas, spec.eps, spec.warmup_ratio, spec.max_grad_norm, spec.seed,
