@@ -34,12 +34,17 @@ def _slots(chunks: torch.Tensor, tail: torch.Tensor, sizes: list[int]) -> list[t
     if all(n == n_max for n in sizes):
         grouped = chunks.unflatten(0, (G, n_max))
         return [grouped[:, c] for c in range(n_max)] + [tail.expand(G, *tail.shape)]
-    pool = torch.cat([chunks, tail[None], torch.zeros_like(tail)[None]])
-    starts = [sum(sizes[:g]) for g in range(G)]
-    tail_row, zero_row = chunks.shape[0], chunks.shape[0] + 1
-    index = torch.tensor([[start + c if c < n else tail_row if c == n else zero_row for c in range(n_max + 1)]
-                          for start, n in zip(starts, sizes)], device=chunks.device)
-    return [pool[index[:, c]] for c in range(n_max + 1)]
+    # Ragged: gather slot c's chunks (a valid one where the group has fewer), then overwrite the
+    # groups whose tail (c = n_g) or zero block (c > n_g) it is; one copy per slot, as the cat.
+    sizes_t = torch.tensor(sizes, device=chunks.device)
+    starts = torch.cumsum(sizes_t, 0) - sizes_t
+    slots = []
+    for c in range(n_max + 1):
+        slot = chunks.index_select(0, starts + torch.clamp(sizes_t - 1, max=c))
+        slot[sizes_t == c] = tail
+        slot[sizes_t < c] = 0
+        slots.append(slot)
+    return slots
 
 
 def combine_lora(
