@@ -68,6 +68,35 @@ def measure(benchmark, record, fn, *, rounds: int, **row) -> None:
     record(benchmark, **row)
 
 
+def interleaved(benchmark, record, steps: dict, *, rounds: int, derive=None, **row) -> None:
+    """Time every provider's ``step`` once per round, the providers in turn, and record a row each.
+
+    One warm-up call per provider first; round k starts at provider k mod n, so that no provider
+    always follows the same one and every provider sees the same load on a shared machine. A row
+    holds ``median_s``, ``min_s`` and the raw times, plus ``derive(provider, times)`` when given
+    (``times``: every provider's round times). The whole run is one pytest-benchmark round (the
+    fixture only marks the test as a benchmark).
+    """
+    names = list(steps)
+    times = {name: [] for name in names}
+
+    def run_all():
+        for name in names:
+            timed(steps[name])()
+        for k in range(rounds):
+            for name in names[k % len(names):] + names[:k % len(names)]:
+                start = time.perf_counter()
+                timed(steps[name])()
+                times[name].append(time.perf_counter() - start)
+
+    benchmark.pedantic(run_all, rounds=1, iterations=1)
+    for name in names:
+        data = times[name]
+        extra = derive(name, times) if derive else {}
+        record(None, **row, provider=name, median_s=statistics.median(data), min_s=min(data),
+               rounds=len(data), raw_s=data, **extra)
+
+
 def copy_bandwidth_gbs(nbytes: int = 1 << 28, repeats: int = 5) -> float:
     """Measured device copy bandwidth in GB/s (read + write) from a large tensor copy."""
     dev = device()

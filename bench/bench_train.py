@@ -1,0 +1,206 @@
+"""One hypernetwork training step, v2l_fast vs the authors' way (`pytest bench/bench_train.py --benchmark`).
+
+Step (spec §7, the training issue's workload): 8 videos × 4 questions × 64 answer tokens (after a
+24-token prompt); from the frozen VLM's features of each video ``[L, S, H]`` (cached: both sides
+start from the same tensors), the hypernetwork makes one adapter per video, every text decoder
+``down_proj`` gets its video's adapter, the student CE runs over the answer tokens, and backward
+fills the hypernetwork's gradients. Model: SmolVLM2-256M text shapes with random weights; the
+hypernetwork at the spec's sizes (r = 16, D = 512, Q = 8, 9 blocks).
+
+Providers, interleaved round by round (`harness.interleaved`):
+
+- ``v2l_fast``: `v2l_fast.train.objective.adapter_loss` — the hypernetwork on the ops' default
+  backends, `LoRAPatch` with the rows of a video as segments of one adapter (SGMV; on the CPU the
+  torch backend's batched GEMMs over runs), the LM head only on answer positions.
+- ``authors``: their ``HyperLoRA.generate_weights`` + ``combine_lora`` with the same weights, their
+  ``lora_forward`` bound to each ``down_proj`` as their ``apply_lora_to_layers`` does (each batch
+  row's adapter ``repeat_interleave``-d per row, then einsum), full logits and spec §7's CE;
+  imported from ``$V2L_AUTHORS_CODE`` (`peers`), a row saying "not available" without it.
+- ``per_row_einsum``: the same per-row LoRA and full-logits CE, written here from the spec, on
+  v2l_fast's hypernetwork: what remains of the authors' way when their code is not at hand.
+
+Before timing, every provider's loss and hypernetwork gradients are compared with v2l_fast's
+(rows carry the relative errors). Memory: peak CUDA memory on a GPU; on the CPU the bytes of
+tensors saved for backward (what grows a training step's peak), counted per storage.
+Without CUDA: 8 decoder layers and one frame (S = 96); with CUDA: all 30 layers, 12 frames.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
+from v2l_fast.testing import rel_error
+from v2l_fast.train.objective import IGNORE, StudentBatch, adapter_loss
+from v2l_fast.vlm.factory import random_smolvlm
+from v2l_fast.vlm.lora_patch import down_proj_targets
+
+import harness
+import peers
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = harness.device()
+VIDEOS, QUESTIONS, ANSWER_TOKENS, PROMPT_TOKENS = 8, 4, 64, 24
+LAYERS = 30 if ON_GPU else 8
+CONTEXT = 12 * 64 + 32 if ON_GPU else 64 + 32  # 12 frames (1 on the CPU) of 64 tokens + text
+RANK = 16
+
+
+@functools.cache
+def workload():
+    """(VLM, hypernetwork, features, mask, student batch) on the device, seeded."""
+    model = random_smolvlm("256M", seed=0, device=DEVICE, num_hidden_layers=LAYERS).requires_grad_(False)
+    torch.manual_seed(1)
+    with torch.device(DEVICE):
+        hypernet = Frames2LoRA(Frames2LoRAConfig.for_vlm(model.config, rank=RANK))
+    with torch.no_grad():  # off the zero init, so that B and its gradient path are not zero
+        hypernet.scaler_B["down_proj"].fill_(1.0)
+        hypernet.bias_B["down_proj"].normal_(std=0.02)
+    cfg = model.config.text_config
+    gen = torch.Generator().manual_seed(2)
+    features = torch.randn(VIDEOS, LAYERS, CONTEXT, cfg.hidden_size, generator=gen).to(DEVICE)
+    rows, width = VIDEOS * QUESTIONS, PROMPT_TOKENS + ANSWER_TOKENS
+    input_ids = torch.randint(3, cfg.vocab_size, (rows, width), generator=gen)
+    labels = torch.full_like(input_ids, IGNORE)
+    labels[:, PROMPT_TOKENS:] = input_ids[:, PROMPT_TOKENS:]
+    batch = StudentBatch(input_ids, torch.ones_like(input_ids), labels,
+                         torch.arange(VIDEOS).repeat_interleave(QUESTIONS)).to(DEVICE)
+    return model, hypernet, features, None, batch
+
+
+def full_logits_loss(model, batch: StudentBatch) -> torch.Tensor:
+    """Spec §7 as the authors compute it: logits at every position, fp32 CE with −100 labels,
+    mean per row over its label tokens, then mean over rows."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()
+    labels = batch.labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].transpose(1, 2), labels, ignore_index=IGNORE, reduction="none")
+    return (token_loss.sum(1) / (labels != IGNORE).sum(1)).mean()
+
+
+@contextlib.contextmanager
+def forwards_replaced(modules, forwards):
+    """Each module's ``forward`` replaced (as their ``apply_lora_to_layers`` does) for the block."""
+    for module, forward in zip(modules, forwards):
+        module.forward = forward
+    try:
+        yield
+    finally:
+        for module in modules:
+            del module.forward  # back to the class's forward
+
+
+def per_row_lora_forward(module, A, B, alpha, questions):
+    """The authors' form from the spec: each row's adapter copied per row, then einsum."""
+    A_rows, B_rows = A.repeat_interleave(questions, 0), B.repeat_interleave(questions, 0)
+
+    def forward(x):
+        delta = torch.einsum("bsr,bro->bso", torch.einsum("bsi,bri->bsr", x.to(A.dtype), A_rows), B_rows)
+        base = F.linear(x, module.weight, module.bias)
+        return (base + alpha * delta).to(base.dtype)
+
+    return forward
+
+
+def loss_fn(provider: str):
+    """``() -> loss`` of one provider's step (None when it cannot run here)."""
+    model, hypernet, features, mask, batch = workload()
+    targets = down_proj_targets(model)
+    n_qs = torch.full((VIDEOS,), QUESTIONS, device=DEVICE)
+    if provider == "v2l_fast":
+        return lambda: adapter_loss(hypernet, model, features, mask, batch)
+    if provider == "per_row_einsum":
+        def step():
+            out = hypernet.generate(features, mask)
+            forwards = [per_row_lora_forward(m, out.A[:, layer], out.B[:, layer], out.alpha, QUESTIONS)
+                        for layer, m in enumerate(targets)]
+            with forwards_replaced(targets, forwards):
+                return full_logits_loss(model, batch)
+
+        return step
+    theirs = authors_hypernet()
+    if theirs is None:
+        return None
+    code = peers.authors_code()
+
+    def step():
+        A, B = peers.authors_adapters(theirs, features)
+        forwards = [functools.partial(code.lora_forward, self=m, lora_dropout_p=0.0, scaling=hypernet.config.lora_alpha,
+                                      n_qs=n_qs, tot_q=VIDEOS * QUESTIONS, A=A[:, layer], B=B[:, layer])
+                    for layer, m in enumerate(targets)]
+        with forwards_replaced(targets, forwards):
+            return full_logits_loss(model, batch)
+
+    return step
+
+
+@functools.cache
+def authors_hypernet():
+    return peers.authors_hypernet(workload()[1], DEVICE)
+
+
+def trained_module(provider: str) -> torch.nn.Module:
+    return authors_hypernet() if provider == "authors" else workload()[1]
+
+
+def train_step(provider: str):
+    """``() -> (loss, {name: grad})``: one step's loss and backward into the hypernetwork."""
+    loss_of, module = loss_fn(provider), trained_module(provider)
+
+    def step():
+        module.zero_grad(set_to_none=True)
+        loss = loss_of()
+        loss.backward()
+        return loss.detach(), {name: p.grad for name, p in module.named_parameters() if p.grad is not None}
+
+    return step
+
+
+def saved_for_backward_bytes(fn) -> int:
+    """Bytes of the distinct storages autograd saves for backward while ``fn`` runs its forward."""
+    storages: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+PROVIDERS = ("v2l_fast", "authors", "per_row_einsum")
+
+
+def test_training_step(benchmark, bench_record):
+    providers = [p for p in PROVIDERS if loss_fn(p) is not None]
+    steps = {p: train_step(p) for p in providers}
+    ours_loss, ours_grads = steps["v2l_fast"]()
+    errors = {}
+    for p in providers:
+        loss, grads = steps[p]()
+        assert grads.keys() == ours_grads.keys(), p
+        errors[p] = dict(loss_rel_error=rel_error(loss, ours_loss),
+                         grad_rel_error=max(rel_error(grads[k], ours_grads[k]) for k in grads))
+        assert errors[p]["loss_rel_error"] <= 1e-4 and errors[p]["grad_rel_error"] <= 1e-3, (p, errors[p])
+    memory = {p: harness.peak_memory(steps[p]) if ON_GPU else saved_for_backward_bytes(loss_fn(p)) for p in providers}
+
+    def derive(provider, times):
+        ours = min(times["v2l_fast"])
+        return dict(errors[provider], memory_bytes=memory[provider],
+                    memory_kind="peak CUDA" if ON_GPU else "saved for backward",
+                    speedup_of_v2l_fast=min(times[provider]) / ours)
+
+    harness.interleaved(benchmark, bench_record, steps, rounds=3, derive=derive, op="train_step", model="256M",
+                        layers=LAYERS, videos=VIDEOS, questions=QUESTIONS, answer_tokens=ANSWER_TOKENS,
+                        prompt_tokens=PROMPT_TOKENS, context=CONTEXT, rank=RANK)
+    for p in PROVIDERS:
+        if p not in providers:
+            bench_record(None, op="train_step", provider=p, error=peers.NOT_AVAILABLE)
+    if not providers:
+        pytest.skip("no provider can run")
