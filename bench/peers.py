@@ -20,7 +20,7 @@ NOT_AVAILABLE = f"the authors' code is not available (set ${AUTHORS_ENV})"
 
 
 def _shim_authors_imports() -> None:
-    """The two shims the spec's fixture run used under transformers 5 (FRAMES2LORA_SPEC §10):
+    """The two shims the spec's fixture run used under transformers 5 (docs/method.md §10):
     the removed ``_prepare_4d_attention_mask`` with its transformers-4.51.3 semantics, and a stub
     of the text data module (it imports ``datasets``; the hypernetwork does not use it)."""
     import importlib.util

@@ -20,7 +20,7 @@ from v2l_fast.vlm.features import inner_model
 
 def tiny_hypernet(model, seed: int = 0) -> Frames2LoRA:
     """A random hypernetwork for ``model`` whose zero-initialised B parts are perturbed, so
-    that its adapters are not zero (scaler_B and bias_B start at 0, spec §5)."""
+    that its adapters are not zero (scaler_B and bias_B start at 0, spec §4)."""
     torch.manual_seed(seed)
     hn = Frames2LoRA(Frames2LoRAConfig.for_vlm(model.config, rank=4, latent_size=32, num_latent_queries=6,
                                                num_blocks=1))

@@ -1,7 +1,7 @@
 """Generated adapters: the object `internalize` returns, and its safetensors file.
 
 An `Adapters` holds the combined factors of n videos, ``A [n, L, R, I]`` and ``B [n, L, R, H]``
-(FRAMES2LORA_SPEC §5: generated rows then the bias block, fp32), the scale α and the
+(docs/method.md §5: generated rows then the bias block, fp32), the scale α and the
 fingerprint of the base model they were generated for. The fingerprint (model name, text
 dimensions and a hash of the ``down_proj`` weights) is saved with them, and adapters are
 refused by a model whose dimensions or weights differ.

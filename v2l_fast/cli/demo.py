@@ -65,7 +65,7 @@ def write_synthetic_video(path: str | os.PathLike, seconds: int, *, fps: int = 4
 def demo_session(seed: int, device: torch.device, max_frames: int):
     """A `Session` of a tiny random SmolVLM2 and a small fresh Frames2LoRA, both from ``seed``.
 
-    A fresh hypernetwork's ``scaler_B`` and ``bias_B`` are zero (spec §5), which would make
+    A fresh hypernetwork's ``scaler_B`` and ``bias_B`` are zero (spec §4), which would make
     every adapter's B zero and the adapters no-ops; they are drawn at random instead so the
     adapters change the answer model.
     """

@@ -1,4 +1,4 @@
-"""Loading and saving Frames2LoRA hypernetworks (FRAMES2LORA_SPEC §6).
+"""Loading and saving Frames2LoRA hypernetworks (docs/method.md §6).
 
 Three sources load through `load_frames2lora`:
 

@@ -1,4 +1,4 @@
-"""Architecture of a Frames2LoRA hypernetwork (FRAMES2LORA_SPEC §0, §3–§4, §6).
+"""Architecture of a Frames2LoRA hypernetwork (docs/method.md §0, §3–§4, §6).
 
 One frozen dataclass holds every number that fixes the module's shapes, so a checkpoint's
 architecture can be compared with the base model it is meant for before any weight is read.

@@ -1,4 +1,4 @@
-"""Rank-space composition of LoRA adapters, the reference (FRAMES2LORA_SPEC §5).
+"""Rank-space composition of LoRA adapters, the reference (docs/method.md §5).
 
 Adapters of consecutive video segments combine by concatenating their factors along the rank
 axis, so ΔW = Bᵀ·A of the result is the (weighted) sum of the segments' ΔW. Re-compression to

@@ -2,7 +2,7 @@
 
 Tokens ``x [T, I]`` come in contiguous segments ``seg_indptr [S+1]``; segment ``s`` uses adapter
 ``seg_adapter[s]`` (``-1``: none). Adapter ``a`` has factors ``A[a] [R, I]`` and ``B[a] [R, O]``
-(rank-major, FRAMES2LORA_SPEC §4) of which only the first ``ranks[a]`` rows count, so adapters of
+(rank-major, docs/method.md §4) of which only the first ``ranks[a]`` rows count, so adapters of
 different ranks share one stacked pool. A 4-D pool ``[n, L, R, ·]`` holds every decoder layer and
 ``layer`` picks one. For token t in a segment with adapter a::
 

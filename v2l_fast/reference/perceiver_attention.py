@@ -1,4 +1,4 @@
-"""Perceiver cross-attention over stacked layer states, the reference (FRAMES2LORA_SPEC §3.3–3.4).
+"""Perceiver cross-attention over stacked layer states, the reference (docs/method.md §3.3–3.4).
 
 One call is the attention half of an Idefics2-style cross-attention layer, for ``N`` rows that
 are (layer, video) pairs folded layer-major (row ``l·B + b``)::

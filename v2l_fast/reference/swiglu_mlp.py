@@ -1,6 +1,6 @@
 """SwiGLU MLP without biases, the reference: ``down(silu(gate(x)) ⊙ up(x))``.
 
-The Perceiver's modality projection (FRAMES2LORA_SPEC §3.2, H → 4H → D over every context
+The Perceiver's modality projection (docs/method.md §3.2, H → 4H → D over every context
 row) and its blocks' MLPs (§3.4 step 7) are this op; the projection dominates the
 hypernetwork's FLOPs.
 """

@@ -1,4 +1,4 @@
-"""The training objective (FRAMES2LORA_SPEC §7): teacher-forced cross-entropy over answer tokens.
+"""The training objective (docs/method.md §7): teacher-forced cross-entropy over answer tokens.
 
 Student input: the tokenizer's chat template of ``user [prompt]`` followed by ``assistant
 [target]`` (no generation prompt), right-padded; labels are −100 over the prompt (its length is

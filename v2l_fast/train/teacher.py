@@ -1,4 +1,4 @@
-"""Offline teacher targets (FRAMES2LORA_SPEC §7): the frozen VLM answers each row with the video in
+"""Offline teacher targets (docs/method.md §7): the frozen VLM answers each row with the video in
 its context, and the answers become the rows' ``target_text`` in a new manifest.
 
 As the authors' ``generate_finevideo_teacher_targets.py``: one user turn ``[video, prompt]`` in

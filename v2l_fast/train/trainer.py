@@ -1,4 +1,4 @@
-"""The Frames2LoRA training loop (FRAMES2LORA_SPEC §7): only the hypernetwork learns.
+"""The Frames2LoRA training loop (docs/method.md §7): only the hypernetwork learns.
 
 Each step: the frozen VLM's stacked layer states of a batch of videos (fresh, or read from the
 feature cache), one generated adapter per video, and spec §7's teacher-forced CE over the answer

@@ -1,4 +1,4 @@
-"""Feature extraction for the hypernetwork (FRAMES2LORA_SPEC §2, "Forward").
+"""Feature extraction for the hypernetwork (docs/method.md §2, "Forward").
 
 One forward of the inner SmolVLM model (no LM head) on video + instruction with
 ``output_hidden_states=True`` and ``use_cache=False`` under ``no_grad``. Hidden state i < L is

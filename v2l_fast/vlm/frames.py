@@ -1,7 +1,7 @@
 """SmolVLM2's video inputs without its processor: pixel tensors and the frame prompt.
 
 SmolVLM2's own video processor needs torchvision (no CPU build here) and ``num2words``; this
-module reproduces what it produces for a video (FRAMES2LORA_SPEC §2) with PIL and numpy:
+module reproduces what it produces for a video (docs/method.md §2) with PIL and numpy:
 
 * pixels: resize keeping the aspect ratio so the longest edge is ``longest_edge`` (an odd short
   side rounded up to even), stretch to the ``max_image_size`` square, both LANCZOS on uint8;

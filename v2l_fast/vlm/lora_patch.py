@@ -13,7 +13,7 @@ shape ``[rows, T, I]``, and the segment metadata (row b = tokens ``[b·T, (b+1)�
 shape and shared by all layers. Under ``torch.compile`` each hook call is one
 ``torch.ops.v2l_fast.lora_sgmv`` node.
 
-Numerics (FRAMES2LORA_SPEC §9): ``lora_sgmv`` upcasts x to fp32 against fp32 adapters, adds
+Numerics (docs/method.md §9): ``lora_sgmv`` upcasts x to fp32 against fp32 adapters, adds
 the fp32 delta to the base output in fp32 and casts the sum back to the output dtype.
 
 Threads: patches of different models are independent. One model carries at most one patch

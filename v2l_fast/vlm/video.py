@@ -1,6 +1,6 @@
 """Video decoding (PyAV) and SmolVLM2's frame sampling, without torchvision.
 
-`sample_frame_indices` is the sampling rule of FRAMES2LORA_SPEC §2 (SmolVLM2's processor):
+`sample_frame_indices` is the sampling rule of docs/method.md §2 (SmolVLM2's processor):
 n = min(round(fps_t · duration), max_frames) frames (at least one), one second dropped at each
 end when the clip is long enough, indices an integer ``linspace`` with duplicates removed.
 `read_video` decodes a file and keeps those frames; `Video.from_frames` wraps frames that are
@@ -75,7 +75,7 @@ def _to_rgb_array(frame, index: int, source: str) -> np.ndarray:
 
 def sample_frame_indices(total_frames: int, native_fps: float, *, max_frames: int = 12,
                          target_fps: float = 1.0, skip_secs: float = 1.0) -> np.ndarray:
-    """Indices of the frames SmolVLM2's processor keeps from a clip (FRAMES2LORA_SPEC §2).
+    """Indices of the frames SmolVLM2's processor keeps from a clip (docs/method.md §2).
 
     Args:
         total_frames: frames in the clip (≥ 1).
