@@ -32,13 +32,12 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
 import statistics
 import time
 
 import pytest
 import torch
-from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, interleaved, projection_flops
+from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 from v2l_fast import ops, reference
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
@@ -50,6 +49,7 @@ from v2l_fast.vlm.factory import SMOLVLM2_SHAPES, smolvlm_config
 from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers
 
 import harness
+from peers import AUTHORS_ENV, authors_adapters, authors_code, authors_hypernet
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()
@@ -148,93 +148,6 @@ def random_hypernet(model: str) -> Frames2LoRA:
     return hypernet
 
 
-# The authors' code (FRAMES2LORA_SPEC: package ``ctx_to_lora`` of video2lora/Video2LoRA) is not
-# part of v2l_fast: the bench imports it from the paths in $V2L_AUTHORS_CODE (os.pathsep-separated:
-# the repository's ``src`` and a directory holding its einops / jaxtyping if the venv lacks them).
-AUTHORS_ENV = "V2L_AUTHORS_CODE"
-
-
-def _shim_authors_imports() -> None:
-    """The two shims the spec's fixture run used under transformers 5 (FRAMES2LORA_SPEC §10):
-    the removed ``_prepare_4d_attention_mask`` with its transformers-4.51.3 semantics, and a stub
-    of the text data module (it imports ``datasets``; the hypernetwork does not use it)."""
-    import importlib.util
-    import sys
-    import types
-
-    if importlib.util.find_spec("transformers.modeling_attn_mask_utils") is None:
-        def prepare_4d_attention_mask(mask, dtype, tgt_len=None):
-            bsz, src_len = mask.shape
-            inverted = 1.0 - mask[:, None, None, :].expand(bsz, 1, tgt_len or src_len, src_len).to(dtype)
-            return inverted.masked_fill(inverted.to(torch.bool), torch.finfo(dtype).min)
-
-        masks = types.ModuleType("transformers.modeling_attn_mask_utils")
-        masks._prepare_4d_attention_mask = prepare_4d_attention_mask
-        sys.modules[masks.__name__] = masks
-    data = types.ModuleType("ctx_to_lora.data.processing")
-    data.tokenize_ctx_text = None
-    sys.modules.setdefault(data.__name__, data)
-
-
-@functools.cache
-def authors_code():
-    """The authors' modules used here (``HyperLoRA``, ``HypernetConfig``, ``AggregatorConfig``,
-    ``combine_lora``) as a namespace, or None when $V2L_AUTHORS_CODE is unset."""
-    paths = os.environ.get(AUTHORS_ENV)
-    if not paths:
-        return None
-    import sys
-    import types
-
-    sys.path[:0] = [p for p in paths.split(os.pathsep) if p not in sys.path]
-    _shim_authors_imports()
-    from ctx_to_lora.modeling.aggregator import AggregatorConfig
-    from ctx_to_lora.modeling.hypernet import HyperLoRA, HypernetConfig
-    from ctx_to_lora.modeling.lora_merger import combine_lora
-
-    return types.SimpleNamespace(AggregatorConfig=AggregatorConfig, HyperLoRA=HyperLoRA,
-                                 HypernetConfig=HypernetConfig, combine_lora=combine_lora)
-
-
-@functools.cache
-def authors_hypernet(model: str):
-    """``generate(features) -> (A, B)`` of the authors' HyperLoRA holding `random_hypernet`'s
-    weights (strict state-dict load), their ``combine_lora`` with one chunk per video and the
-    bias, as their ``infer.py`` does (§8 steps 2–3); None when $V2L_AUTHORS_CODE is unset."""
-    code = authors_code()
-    if code is None:
-        return None
-    from peft import LoraConfig
-
-    ours = random_hypernet(model)
-    c = ours.config
-    L, H, I, r, D_ = c.num_layers, c.hidden_size, c.intermediate_size, c.rank, c.latent_size
-    aggregator = code.AggregatorConfig(
-        aggregator_type="perceiver", num_layers=L, num_modules=1, num_extra_modules=0, output_size=D_,
-        feature_size=H, pooling_type=None, num_latent_factor=None, lora_r=r, per_rank_gen=True,
-        n_latent_queries=c.num_latent_queries, num_blocks=c.num_blocks,
-        num_self_attn_per_block=c.num_self_attn_per_block, shared_weights=False, layer_to_layer_ctx_encoder=True)
-    config = code.HypernetConfig(
-        latent_size=D_, use_light_weight_lora=False, light_weight_latent_size=None, per_rank_gen=True,
-        use_per_rank_bias=False, use_bias=True, per_layer_processing=False, use_token_mixing=False,
-        num_pre_head_layers=c.num_pre_head_layers, dropout_rate=0.0,
-        lora_config=LoraConfig(r=r, lora_alpha=c.lora_alpha, target_modules=["down_proj"]), extra_modules=None,
-        base_hidden_size=H, layer_indices=torch.arange(L), feature_sizes=({"down_proj": I}, {"down_proj": H}),
-        aggregator_config=aggregator)
-    with torch.device(DEVICE):
-        theirs = code.HyperLoRA(config).eval()
-    theirs.load_state_dict(ours.state_dict(), strict=True)
-
-    def generate(features):
-        loras, _ = theirs.generate_weights(features, torch.ones(features.shape[0], features.shape[2],
-                                                                dtype=torch.long, device=features.device))
-        ones = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
-        combined = code.combine_lora(loras, ones, lora_bias=theirs.get_head_bias())["down_proj"]
-        return combined["A"], combined["B"]
-
-    return generate
-
-
 @contextlib.contextmanager
 def torch_backend_is(implementations: dict):
     """Register ``implementations`` ({op name: fn}) as the ops' torch backend for the block."""
@@ -265,7 +178,8 @@ def _hypernet_generate(provider: str, model: str):
     """``generate(features) -> (A, B)`` of ``provider``, or None when it cannot run here."""
     hypernet = random_hypernet(model)
     if provider == "authors":
-        return authors_hypernet(model)
+        theirs = authors_hypernet(hypernet, DEVICE)
+        return None if theirs is None else functools.partial(authors_adapters, theirs)
     if provider == "triton":
         if not ON_GPU:
             return None  # the interpreter's timings mean nothing
@@ -347,10 +261,10 @@ def test_hypernet(benchmark, bench_record, model, frames, mode):
         }
 
     authors = "available" if "authors" in generators else f"not available (${AUTHORS_ENV} unset)"
-    interleaved(benchmark, bench_record, steps, rounds=5 if ON_GPU else 7, derive=derive, op="hypernet",
-                model=model, frames=frames, S=S, L=cfg.num_layers, H=cfg.hidden_size, I=cfg.intermediate_size,
-                mode=mode, dtype="bf16 autocast, fp32 weights" if ON_GPU else "fp32", flops_by_part=parts,
-                authors_code=authors)
+    harness.interleaved(benchmark, bench_record, steps, rounds=5 if ON_GPU else 7, derive=derive, op="hypernet",
+                        model=model, frames=frames, S=S, L=cfg.num_layers, H=cfg.hidden_size, I=cfg.intermediate_size,
+                        mode=mode, dtype="bf16 autocast, fp32 weights" if ON_GPU else "fp32", flops_by_part=parts,
+                        authors_code=authors)
 
 
 @pytest.mark.parametrize("n_chunks", [(1,) * 8, (2, 1, 3, 2)], ids=["8x1", "ragged-2-1-3-2"])
@@ -377,8 +291,9 @@ def test_combine_lora(benchmark, bench_record, n_chunks):
         steps["authors"] = authors
         ours, theirs = steps["v2l_fast"](), authors()
         assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
-    interleaved(benchmark, bench_record, steps, rounds=20, op="combine_lora", model="500M", n_chunks=list(n_chunks),
-                L=L, r=RANK, I=I, H=H, authors_code="available" if code else f"not available (${AUTHORS_ENV} unset)")
+    harness.interleaved(benchmark, bench_record, steps, rounds=20, op="combine_lora", model="500M",
+                        n_chunks=list(n_chunks), L=L, r=RANK, I=I, H=H,
+                        authors_code="available" if code else f"not available (${AUTHORS_ENV} unset)")
 
 
 # ---------------------------------------------------------------------------------------------

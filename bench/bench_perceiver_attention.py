@@ -9,7 +9,7 @@ and the context, as in training). Providers: ``reference`` (eager, K/V materiali
 ``sdpa`` (K/V materialised, torch scaled_dot_product_attention), ``torch`` (the torch backend,
 K/V absorbed into the queries) and ``triton`` (absorbed K/V, flash-decoding kernel).
 
-The providers of one workload run interleaved, round by round (`interleaved`): on a shared,
+The providers of one workload run interleaved, round by round (`harness.interleaved`): on a shared,
 noisy machine every provider then sees the same load, and the rows' ratios are side by side.
 Without CUDA only 12 frames run (fp32) and triton is skipped: the interpreter's timings mean
 nothing. Each row carries its FLOP count (the absorbed count for the absorbed providers) and the
@@ -21,8 +21,6 @@ from __future__ import annotations
 import functools
 import math
 import statistics
-import time
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -57,34 +55,6 @@ def block_flops(rows: int, S: int, absorbed: bool) -> int:
 
 def projection_flops(rows: int, H: int) -> int:
     return rows * (2 * H * 8 * H + 2 * 4 * H * D)
-
-
-def interleaved(benchmark, record, steps: dict[str, Callable], *, rounds: int, derive=None, **row) -> None:
-    """Time every provider's ``step`` once per round, the providers in turn, and record a row each.
-
-    One warm-up call per provider first; round k starts at provider k mod n, so that no provider
-    always follows the same one. A row holds ``median_s``, ``min_s`` and the raw times, plus
-    ``derive(provider, times)`` when given (``times``: every provider's round times). The whole
-    run is one pytest-benchmark round (the fixture only marks the test as a benchmark).
-    """
-    names = list(steps)
-    times = {name: [] for name in names}
-
-    def run_all():
-        for name in names:
-            harness.timed(steps[name])()
-        for k in range(rounds):
-            for name in names[k % len(names):] + names[:k % len(names)]:
-                start = time.perf_counter()
-                harness.timed(steps[name])()
-                times[name].append(time.perf_counter() - start)
-
-    benchmark.pedantic(run_all, rounds=1, iterations=1)
-    for name in names:
-        data = times[name]
-        extra = derive(name, times) if derive else {}
-        record(None, **row, provider=name, median_s=statistics.median(data), min_s=min(data),
-               rounds=len(data), raw_s=data, **extra)
 
 
 def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
@@ -180,6 +150,6 @@ def test_blocks(benchmark, bench_record, model, frames, mode):
         flops = block_flops(L, S, absorbed=provider in ("torch", "triton")) * (3 if training else 1)
         return {"flops": flops, "tflop_s": flops / statistics.median(times[provider]) / 1e12}
 
-    interleaved(benchmark, bench_record, {p: step_of(p) for p in _providers()}, rounds=10 if ON_GPU else 3,
-                derive=derive, op="blocks", model=model, frames=frames, S=S, rows=L, mode=mode,
-                dtype=str(DTYPE), bytes=NUM_BLOCKS * context.numel() * context.element_size())
+    harness.interleaved(benchmark, bench_record, {p: step_of(p) for p in _providers()}, rounds=10 if ON_GPU else 3,
+                        derive=derive, op="blocks", model=model, frames=frames, S=S, rows=L, mode=mode,
+                        dtype=str(DTYPE), bytes=NUM_BLOCKS * context.numel() * context.element_size())

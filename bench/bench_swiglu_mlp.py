@@ -2,7 +2,7 @@
 of one video (`pytest bench/bench_swiglu_mlp.py --benchmark`); it is 80–96 % of the hypernetwork's
 forward FLOPs (bench/NOTES.md).
 
-Providers, interleaved round by round (`bench_perceiver_attention.interleaved`): ``reference``
+Providers, interleaved round by round (`harness.interleaved`): ``reference``
 (three linears, the official module's order), ``torch`` (the torch backend: gate and up as one
 GEMM, cache-sized row blocks, in-place activation) and ``triton`` (gate+up kernel with the
 activation in its epilogue, then a cuBLAS down GEMM; GPU only, the interpreter's timings mean
@@ -18,7 +18,7 @@ import statistics
 
 import pytest
 import torch
-from bench_perceiver_attention import FRAMES, MODELS, D, context_length, interleaved, projection_flops
+from bench_perceiver_attention import FRAMES, MODELS, D, context_length, projection_flops
 
 from v2l_fast.kernels.swiglu_mlp_torch import swiglu_mlp as torch_swiglu
 from v2l_fast.reference import swiglu_mlp as reference_swiglu
@@ -57,7 +57,7 @@ def test_projection(benchmark, bench_record, model, frames):
         return torch.no_grad()(functools.partial(_provider(provider), x, gate, up, down))
 
     providers = ["reference", "torch"] + (["triton"] if ON_GPU else [])
-    interleaved(benchmark, bench_record, {p: step_of(p) for p in providers}, rounds=10 if ON_GPU else 5,
-                derive=lambda p, times: {"tflop_s": flops / statistics.median(times[p]) / 1e12},
-                op="projection", model=model, frames=frames, rows=rows, H=H, mode="fwd", dtype=str(DTYPE),
-                flops=flops)
+    harness.interleaved(benchmark, bench_record, {p: step_of(p) for p in providers}, rounds=10 if ON_GPU else 5,
+                        derive=lambda p, times: {"tflop_s": flops / statistics.median(times[p]) / 1e12},
+                        op="projection", model=model, frames=frames, rows=rows, H=H, mode="fwd", dtype=str(DTYPE),
+                        flops=flops)
