@@ -42,7 +42,10 @@ def swiglu_mlp(x: torch.Tensor, gate_weight: torch.Tensor, up_weight: torch.Tens
         gate, up = F.linear(rows, gate_up).split(hidden, -1)
         out = F.linear(F.silu(gate) * up, down)
     else:
-        out = torch.empty(rows.shape[0], down.shape[0], dtype=dtype, device=rows.device)
+        device = rows.device.type  # under autocast the GEMMs write its dtype
+        out_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else dtype
+        out = torch.empty(rows.shape[0], down.shape[0], dtype=out_dtype, device=rows.device)
+        down = down.to(out_dtype)  # a GEMM with out= is not cast by autocast
         for start in range(0, rows.shape[0], CHUNK_ROWS):
             gate, up = F.linear(rows[start:start + CHUNK_ROWS], gate_up).split(hidden, -1)
             torch.matmul(F.silu(gate, inplace=True).mul_(up), down.mT, out=out[start:start + CHUNK_ROWS])

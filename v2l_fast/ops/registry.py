@@ -189,7 +189,6 @@ class Op:
             cached = self._resolved_cache[backend] = (source, resolved)
         return cached[1]
 
-    @torch.compiler.assume_constant_result
     def choose(self, backend: str, device: torch.device) -> str:
         """The backend to run for ``backend`` (``"auto"``: the setting in force) on ``device``.
 
@@ -213,6 +212,10 @@ class Op:
                 raise RuntimeError(f"{self.name}: backend {requested!r} cannot run: {missing}")
         self._resolved(requested)  # loads it now, outside any traced code
         return requested
+
+    # What `torch.compiler.assume_constant_result` sets, without importing torch._dynamo (over a
+    # second) with the ops; tests/test_ops_compile.py fails with a graph break if torch renames it.
+    choose._dynamo_marked_constant = True
 
     def resolve(self, backend: str, device: torch.device) -> Resolved:
         """The `Resolved` implementation of `choose`'s answer."""

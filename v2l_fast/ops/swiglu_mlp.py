@@ -1,6 +1,8 @@
 """`swiglu_mlp` with backend dispatch (see v2l_fast.reference.swiglu_mlp).
 
-Kernel arguments: the reference's, ``x, gate_weight, up_weight, down_weight``.
+Kernel arguments: the reference's, ``x, gate_weight, up_weight, down_weight``. Backends:
+"torch" (gate and up as one GEMM, `kernels/swiglu_mlp_torch.py`) and "triton" (the same GEMM
+with a silu·mul epilogue); the reference runs three linears.
 """
 
 from __future__ import annotations
@@ -23,5 +25,5 @@ swiglu_mlp = define_op(
     reference, check=checks.swiglu_mlp, device_of=lambda a: a.x.device,
     schema=kernel_schema(reference), fake=_output_like,
     auto={"cuda": ("triton", "torch"), "cpu": ("torch",)})
-swiglu_mlp.op.register("torch", reference)
+swiglu_mlp.op.register("torch", "v2l_fast.kernels.swiglu_mlp_torch:swiglu_mlp")
 swiglu_mlp.op.register("triton", "v2l_fast.kernels.swiglu_mlp:swiglu_mlp")
