@@ -37,7 +37,6 @@ import time
 
 import pytest
 import torch
-from bench_perceiver_attention import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 from v2l_fast import ops, reference
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
@@ -50,6 +49,7 @@ from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers
 
 import harness
 from peers import AUTHORS_ENV, authors_adapters, authors_code, authors_hypernet
+from workloads import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()

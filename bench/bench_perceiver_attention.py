@@ -31,31 +31,11 @@ from v2l_fast.reference import perceiver_attention as reference_attention
 from v2l_fast.reference import rms_norm
 
 import harness
+from workloads import FRAMES, HEAD_DIM, MODELS, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS, D, Q, block_flops, context_length
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
-
-MODELS = {"500M": dict(L=32, H=960, tokens_per_frame=64), "2.2B": dict(L=24, H=2048, tokens_per_frame=81)}
-FRAMES = (12, 64, 256, 1024)
-PROMPT_TOKENS = 64  # chat template, frame captions and the internalisation prompt, roughly
-D, Q, NUM_HEADS, HEAD_DIM, NUM_KV_HEADS, NUM_BLOCKS = 512, 8, 16, 128, 4, 9
-
-
-def context_length(model: str, frames: int) -> int:
-    return frames * MODELS[model]["tokens_per_frame"] + PROMPT_TOKENS
-
-
-def block_flops(rows: int, S: int, absorbed: bool) -> int:
-    """Forward FLOPs of the 9 blocks' attention over the context (the latent-only terms are <1%)."""
-    R = NUM_HEADS * Q
-    per_token = 4 * R * D if absorbed else 4 * NUM_KV_HEADS * HEAD_DIM * D + 4 * R * HEAD_DIM
-    return NUM_BLOCKS * rows * S * per_token
-
-
-def projection_flops(rows: int, H: int) -> int:
-    return rows * (2 * H * 8 * H + 2 * 4 * H * D)
-
 
 def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
                    latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):

@@ -18,12 +18,12 @@ import statistics
 
 import pytest
 import torch
-from bench_perceiver_attention import FRAMES, MODELS, D, context_length, projection_flops
 
 from v2l_fast.kernels.swiglu_mlp_torch import swiglu_mlp as torch_swiglu
 from v2l_fast.reference import swiglu_mlp as reference_swiglu
 
 import harness
+from workloads import FRAMES, MODELS, D, context_length, projection_flops
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()
