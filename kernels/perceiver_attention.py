@@ -273,23 +273,16 @@ def _kernel_context_part(queries, context, context_mask, eps, num_splits):
     return ContextAttention.apply(queries.contiguous(), context, keep, eps, num_splits)
 
 
-def perceiver_attention_splits(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
-                               latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps,
-                               num_splits):
-    """`perceiver_attention` with ``num_splits`` key splits per row forced (None: fill the device)."""
-    return absorbed_attention(functools.partial(_kernel_context_part, num_splits=num_splits), latents,
-                              context, context_mask, q_weight, k_weight, v_weight, o_weight,
-                              latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps)
+def perceiver_attention_splits(*args, num_splits: int | None):
+    """`perceiver_attention` (same positional arguments) with ``num_splits`` key splits per row
+    forced (None: enough to fill the device)."""
+    return absorbed_attention(functools.partial(_kernel_context_part, num_splits=num_splits))(*args)
 
 
-def perceiver_attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
-                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
-    """The Triton backend of `v2l_fast.ops.perceiver_attention` (arguments validated by the op).
+perceiver_attention = absorbed_attention(functools.partial(_kernel_context_part, num_splits=None))
+perceiver_attention.__doc__ = """The Triton backend of `v2l_fast.ops.perceiver_attention` (arguments validated).
 
-    Same result and gradients as the reference; gradients flow to the latents, every weight
-    and, when it requires grad, the context. The projections of the Q latents and the heads run
-    in fp32 PyTorch (tensors of size nh·Q × D per row); the context is read only by the kernels.
-    """
-    return perceiver_attention_splits(latents, context, context_mask, q_weight, k_weight, v_weight,
-                                      o_weight, latents_norm_weight, context_norm_weight, num_heads,
-                                      num_kv_heads, eps, None)
+Same result and gradients as the reference; gradients flow to the latents, every weight and,
+when it requires grad, the context. The projections of the Q latents and the heads run in fp32
+PyTorch (tensors of size nh·Q × D per row); the context is read only by the kernels.
+"""

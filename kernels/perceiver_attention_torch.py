@@ -79,69 +79,58 @@ def context_attention(queries: torch.Tensor, context: torch.Tensor, context_mask
     return torch.matmul(probs.to(keys.dtype), keys).to(work), lse
 
 
-def absorbed_attention(
-    context_part: Callable,
-    latents: torch.Tensor,
-    context: torch.Tensor,
-    context_mask: torch.Tensor | None,
-    q_weight: torch.Tensor,
-    k_weight: torch.Tensor,
-    v_weight: torch.Tensor,
-    o_weight: torch.Tensor,
-    latents_norm_weight: torch.Tensor,
-    context_norm_weight: torch.Tensor,
-    num_heads: int,
-    num_kv_heads: int,
-    eps: float,
-) -> torch.Tensor:
-    """`v2l_fast.reference.perceiver_attention` with K/V absorbed (module docstring).
+def absorbed_attention(context_part: Callable) -> Callable:
+    """A `perceiver_attention` backend with K/V absorbed (module docstring), the context half
+    computed by ``context_part(queries, context, context_mask, eps) -> (u, lse)``
+    (`context_attention`, or the Triton kernel).
 
-    ``context_part(queries, context, context_mask, eps) -> (u, lse)`` computes the context half
-    (`context_attention`, or the Triton kernel); everything else runs here on [N, nh·Q, ·]
-    tensors in fp32 (fp64 for fp64 inputs): the latents' norm and q projection, the absorption
-    of W_k (and of w_c), the latents' own Q keys, the log-sum-exp merge, W_v per kv group and
-    o_proj. Returns ``[N, Q, D]`` in the promoted dtype of all inputs.
+    The backend takes the op's kernel arguments (the reference's, positionally). Everything but
+    the context half runs in it on [N, nh·Q, ·] tensors in fp32 (fp64 for fp64 inputs): the
+    latents' norm and q projection, the absorption of W_k (and of w_c), the latents' own Q keys,
+    the log-sum-exp merge, W_v per kv group and o_proj. It returns ``[N, Q, D]`` in the promoted
+    dtype of all inputs.
     """
-    N, Q, D = latents.shape
-    out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in (
-        latents, context, q_weight, k_weight, v_weight, o_weight, latents_norm_weight, context_norm_weight)))
-    if N == 0 or Q == 0:
-        return latents.new_zeros(N, Q, D, dtype=out_dtype)
-    work = torch.promote_types(out_dtype, torch.float32)
-    hd = q_weight.shape[0] // num_heads
-    group = num_heads // num_kv_heads
-    context_weight = context_norm_weight.to(work)
 
-    zn = rms_norm(latents, latents_norm_weight, eps)
-    q = F.linear(zn.to(work), q_weight.to(work)).view(N, Q, num_kv_heads, group, hd)
-    # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
-    absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.to(work).reshape(num_kv_heads, hd, D))
-    absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
-    u_ctx, lse_ctx = context_part(absorbed * context_weight, context, context_mask, eps)
+    def attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
+                  context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
+        N, Q, D = latents.shape
+        out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in (
+            latents, context, q_weight, k_weight, v_weight, o_weight, latents_norm_weight, context_norm_weight)))
+        if N == 0 or Q == 0:
+            return latents.new_zeros(N, Q, D, dtype=out_dtype)
+        work = torch.promote_types(out_dtype, torch.float32)
+        hd = q_weight.shape[0] // num_heads
+        group = num_heads // num_kv_heads
+        context_weight = context_norm_weight.to(work)
 
-    # The latents' own keys (zn in the kv dtype, as the reference concatenates them).
-    latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).to(work)
-    latent_scores = torch.matmul(absorbed, latent_keys.mT)
-    lse_lat = torch.logsumexp(latent_scores, -1)
-    u_lat = torch.matmul(torch.softmax(latent_scores, -1), latent_keys)
-    lse = torch.logaddexp(lse_ctx, lse_lat)
-    u = (torch.exp(lse_ctx - lse)[..., None] * (u_ctx * context_weight)
-         + torch.exp(lse_lat - lse)[..., None] * u_lat)
+        zn = rms_norm(latents, latents_norm_weight, eps)
+        q = F.linear(zn.to(work), q_weight.to(work)).view(N, Q, num_kv_heads, group, hd)
+        # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
+        absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.to(work).reshape(num_kv_heads, hd, D))
+        absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
+        u_ctx, lse_ctx = context_part(absorbed * context_weight, context, context_mask, eps)
 
-    # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
-    heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
-                         v_weight.to(work).reshape(num_kv_heads, hd, D))
-    return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.to(work)).to(out_dtype)
+        # The latents' own keys (zn in the kv dtype, as the reference concatenates them).
+        latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).to(work)
+        latent_scores = torch.matmul(absorbed, latent_keys.mT)
+        lse_lat = torch.logsumexp(latent_scores, -1)
+        u_lat = torch.matmul(torch.softmax(latent_scores, -1), latent_keys)
+        lse = torch.logaddexp(lse_ctx, lse_lat)
+        u = (torch.exp(lse_ctx - lse)[..., None] * (u_ctx * context_weight)
+             + torch.exp(lse_lat - lse)[..., None] * u_lat)
+
+        # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
+        heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
+                             v_weight.to(work).reshape(num_kv_heads, hd, D))
+        return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.to(work)).to(out_dtype)
+
+    return attention
 
 
-def perceiver_attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight,
-                        latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
-    """The torch backend of `v2l_fast.ops.perceiver_attention` (arguments validated by the op).
+perceiver_attention = absorbed_attention(context_attention)
+perceiver_attention.__doc__ = """The torch backend of `v2l_fast.ops.perceiver_attention` (arguments validated).
 
-    `absorbed_attention` with the context half as two batched GEMMs (`context_attention`):
-    scores ``[N, nh·Q, S]`` and values ``[N, nh·Q, D]``, 4·nh·Q·D FLOPs per context token.
-    Differentiable by autograd (it keeps the ``[N, nh·Q, S]`` scores for the backward).
-    """
-    return absorbed_attention(context_attention, latents, context, context_mask, q_weight, k_weight,
-                              v_weight, o_weight, latents_norm_weight, context_norm_weight, num_heads,
-                              num_kv_heads, eps)
+`absorbed_attention` with the context half as two batched GEMMs (`context_attention`):
+scores ``[N, nh·Q, S]`` and values ``[N, nh·Q, D]``, 4·nh·Q·D FLOPs per context token.
+Differentiable by autograd (it keeps the ``[N, nh·Q, S]`` scores for the backward).
+"""

@@ -10,24 +10,11 @@ from PIL import Image
 import v2l_fast
 from v2l_fast.adapters import Adapters, base_fingerprint
 from v2l_fast.api import question_ids
-from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
 from v2l_fast.ops import resolve, use_backend
-from v2l_fast.testing import assert_rel_close, write_test_video
+from v2l_fast.testing import assert_rel_close, tiny_hypernet, write_test_video
 from v2l_fast.vlm import LoRAPatch, VideoError, down_proj_targets
 from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
 from v2l_fast.vlm.features import inner_model
-
-
-def tiny_hypernet(model, seed: int = 0) -> Frames2LoRA:
-    """A random hypernetwork for ``model`` whose zero-initialised B parts are perturbed, so
-    that its adapters are not zero (scaler_B and bias_B start at 0, spec §4)."""
-    torch.manual_seed(seed)
-    hn = Frames2LoRA(Frames2LoRAConfig.for_vlm(model.config, rank=4, latent_size=32, num_latent_queries=6,
-                                               num_blocks=1))
-    with torch.no_grad():
-        hn.scaler_B["down_proj"].normal_(0, 0.5)
-        hn.bias_B["down_proj"].normal_(0, 0.05)
-    return hn.eval()
 
 
 @pytest.fixture(scope="module")

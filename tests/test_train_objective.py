@@ -6,8 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
-from v2l_fast.testing import assert_rel_close
+from v2l_fast.testing import assert_rel_close, tiny_hypernet
 from v2l_fast.train.objective import IGNORE, adapter_loss, answer_loss, student_batch
 from v2l_fast.vlm import LoRAPatch, down_proj_targets
 from v2l_fast.vlm.factory import tiny_vlm
@@ -19,17 +18,6 @@ TARGETS = ["red", "to the left, slowly", "three"]
 @pytest.fixture(scope="module")
 def vlm():
     return tiny_vlm(seed=3)
-
-
-def hypernet_for(model, seed=0) -> Frames2LoRA:
-    """A small random hypernetwork whose zero-initialised B parts are perturbed (non-zero adapters)."""
-    torch.manual_seed(seed)
-    hn = Frames2LoRA(Frames2LoRAConfig.for_vlm(model.config, rank=4, latent_size=32, num_latent_queries=6,
-                                               num_blocks=1))
-    with torch.no_grad():
-        hn.scaler_B["down_proj"].normal_(0, 0.5)
-        hn.bias_B["down_proj"].normal_(0, 0.05)
-    return hn
 
 
 def authors_loss(model, batch) -> torch.Tensor:
@@ -87,7 +75,7 @@ def test_shared_adapters_equal_per_row_copies_in_loss_and_hypernet_gradients(vlm
     """Two videos, three questions: segments of one adapter per video == that adapter copied per row."""
     model = vlm.model.requires_grad_(False)
     cfg = model.config.text_config
-    hn = hypernet_for(model)
+    hn = tiny_hypernet(model)
     gen = torch.Generator().manual_seed(0)
     features = torch.randn(2, cfg.num_hidden_layers, 11, cfg.hidden_size, generator=gen)
     mask = torch.ones(2, 11, dtype=torch.long)

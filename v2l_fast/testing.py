@@ -1,4 +1,4 @@
-"""Test helpers: relative-error tolerances of the design card and random test videos.
+"""Test helpers: relative-error tolerances of the design card, random test videos, small hypernetworks.
 
 Models for tests come from `v2l_fast.vlm.factory` (tiny random SmolVLM2 models, released
 shapes); nothing in the package imports this module.
@@ -41,3 +41,18 @@ def write_test_video(path, num_frames: int = 6, fps: int = 4, size: tuple[int, i
     frames = np.random.default_rng(seed).integers(0, 256, (num_frames, *size, 3), dtype=np.uint8)
     write_video(path, frames, fps=fps, codec=codec)
     return frames
+
+
+def tiny_hypernet(model: torch.nn.Module, seed: int = 0):
+    """A small random `Frames2LoRA` for ``model`` (rank 4, D = 32, 6 queries, 1 block) whose
+    zero-initialised B parts (scaler_B and bias_B start at 0, spec §4) are perturbed, so that
+    its adapters are not zero."""
+    from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
+
+    torch.manual_seed(seed)
+    hypernet = Frames2LoRA(Frames2LoRAConfig.for_vlm(model.config, rank=4, latent_size=32, num_latent_queries=6,
+                                                     num_blocks=1))
+    with torch.no_grad():
+        hypernet.scaler_B["down_proj"].normal_(0, 0.5)
+        hypernet.bias_B["down_proj"].normal_(0, 0.05)
+    return hypernet
