@@ -58,6 +58,29 @@ def teacher_prompt(video: Video, prompt: str, vlm: VLM) -> str:
     return rendered.replace(VIDEO_PLACEHOLDER, vlm.preprocessor.video_text(video), 1)
 
 
+@torch.no_grad()
+def video_answers(videos: Sequence[Video], prompts: Sequence[str], vlm: VLM, *, max_new_tokens: int) -> list[str]:
+    """The VLM's greedy answers to ``[videos[i], prompts[i]]`` in one ``generate`` call: the
+    teacher's prompt (`teacher_prompt`), left padding, frames zero-padded to the longest video;
+    decoded without special tokens and stripped (an empty answer stays empty). A video that
+    appears more than once (the same object) is preprocessed once."""
+    pixels = {id(video): vlm.preprocessor.pixel_values(video) for video in videos}
+    tokenizer, pad = vlm.tokenizer, _pad_id(vlm.tokenizer)
+    ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
+           for video, prompt in zip(videos, prompts)]
+    input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
+    frames, side = max(pixels[id(video)].shape[0] for video in videos), vlm.preprocessor.max_image_size
+    pixel_values = torch.zeros(len(videos), frames, 3, side, side)
+    pixel_mask = torch.zeros(len(videos), frames, side, side, dtype=torch.bool)
+    for b, video in enumerate(videos):
+        count = pixels[id(video)].shape[0]
+        pixel_values[b, :count] = pixels[id(video)]
+        pixel_mask[b, :count] = True
+    return _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
+                     tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
+                     pixel_attention_mask=pixel_mask.to(vlm.device))
+
+
 def make_teacher_targets(manifest_in: str | os.PathLike, manifest_out: str | os.PathLike, *, vlm: VLM,
                          batch_size: int = 8, max_new_tokens: int = 64, max_frames: int = 12,
                          data_root: str | os.PathLike | None = None, skip_bad_rows: bool = False,
@@ -170,21 +193,8 @@ def _answer(rows: Sequence[ManifestRow], vlm: VLM, *, max_new_tokens: int, max_f
                for row in rows if row.video_file in errors]
     if not good:
         return [], reasons
-    pixels = {path: vlm.preprocessor.pixel_values(video) for path, video in videos.items()}
-    tokenizer, pad = vlm.tokenizer, _pad_id(vlm.tokenizer)
-    ids = [tokenizer(teacher_prompt(videos[row.video_file], row.prompt, vlm), add_special_tokens=False)["input_ids"]
-           for row in good]
-    input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
-    frames, side = max(pixels[row.video_file].shape[0] for row in good), vlm.preprocessor.max_image_size
-    pixel_values = torch.zeros(len(good), frames, 3, side, side)
-    pixel_mask = torch.zeros(len(good), frames, side, side, dtype=torch.bool)
-    for b, row in enumerate(good):
-        count = pixels[row.video_file].shape[0]
-        pixel_values[b, :count] = pixels[row.video_file]
-        pixel_mask[b, :count] = True
-    answers = _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
-                        tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
-                        pixel_attention_mask=pixel_mask.to(vlm.device))
+    answers = video_answers([videos[row.video_file] for row in good], [row.prompt for row in good], vlm,
+                            max_new_tokens=max_new_tokens)
     out = []
     for row, answer in zip(good, answers):
         metadata = dict(row.metadata, teacher_model=name, teacher_generated=True, teacher_prompt=row.prompt,
