@@ -91,7 +91,16 @@ def answer_loss(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:
     check_tensor("labels", batch.labels, ndim=2, index=True, shape_hint="[rows, T]")
     hidden = inner_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                                 use_cache=False, return_dict=True).last_hidden_state
-    targets = batch.labels[:, 1:]
+    return label_ce(model, hidden, batch.labels)
+
+
+def label_ce(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """`answer_loss`'s CE from the final hidden states ``[rows, T, H]`` of ``model``'s decoder.
+
+    The LM head runs only where ``labels [rows, T]`` has a label at the next position.
+    """
+    check_tensor("labels", labels, ndim=2, index=True, shape_hint="[rows, T]")
+    targets = labels[:, 1:]
     predicts = targets != IGNORE  # position t predicts token t + 1
     counts = predicts.sum(1)
     if bool((counts == 0).any()):
@@ -100,7 +109,7 @@ def answer_loss(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:
     logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
     token_loss = F.cross_entropy(logits, targets[predicts], reduction="none")
     row_of_token = predicts.nonzero()[:, 0]
-    return (token_loss / counts[row_of_token]).sum() / batch.labels.shape[0]
+    return (token_loss / counts[row_of_token]).sum() / labels.shape[0]
 
 
 def adapter_loss(hypernet: torch.nn.Module, model: torch.nn.Module, features: torch.Tensor,

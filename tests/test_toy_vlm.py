@@ -1,0 +1,129 @@
+"""The toy VLM of the toy-scale replication: in-context rows, loss, training run, saved model."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+
+from v2l_fast.data.synthetic import generate_world
+from v2l_fast.train.objective import IGNORE
+from v2l_fast.train.teacher import teacher_prompt
+from v2l_fast.train.toy_vlm import (
+    TOY_INFO,
+    build_toy_vlm,
+    first_word,
+    in_context_accuracy,
+    in_context_batch,
+    in_context_loss,
+    load_questions,
+    train_toy_vlm,
+)
+from v2l_fast.vlm.load import load_smolvlm
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    root = tmp_path_factory.mktemp("world")
+    generate_world(root, num_train=4, num_val=2, num_heldout=0, seed=3, progress=False)
+    return root
+
+
+@pytest.fixture(scope="module")
+def trained(world, tmp_path_factory):
+    out = tmp_path_factory.mktemp("toy") / "a"
+    return train_toy_vlm(world, out, steps=3, batch_videos=2, seed=5, progress=False)
+
+
+def step_batch(vlm, questions):
+    rows = [(v, row) for v, (_, group) in enumerate(questions) for row in group]
+    return in_context_batch(vlm, [video for video, _ in questions], [r.prompt for _, r in rows],
+                            [r.target_text for _, r in rows], [v for v, _ in rows])
+
+
+def test_rows_are_the_teacher_prompt_then_the_answer_turn(world):
+    vlm = build_toy_vlm("S", seed=0)
+    questions = load_questions(world / "train.jsonl", vlm, limit=2)
+    batch = step_batch(vlm, questions)
+    video, row = questions[1][0], questions[1][1][0]
+    b = len(questions[0][1])  # first row of the second video
+    prompt = vlm.tokenizer(teacher_prompt(video, row.prompt, vlm), add_special_tokens=False)["input_ids"]
+    assert batch.input_ids[b, :len(prompt)].tolist() == prompt
+    assert (batch.labels[b, :len(prompt)] == IGNORE).all()
+    answer = batch.labels[b][batch.labels[b] != IGNORE].tolist()
+    assert vlm.tokenizer.decode(answer) == f" {row.target_text}<end_of_utterance>\n"
+    assert (batch.input_ids[b] == 150).sum() == 8 * vlm.preprocessor.image_seq_len  # 8 frames, 4 tokens each
+    assert batch.row_video.tolist() == [0] * len(questions[0][1]) + [1] * len(questions[1][1])
+
+
+def test_loss_shares_each_videos_tokens_and_equals_the_full_forward(world):
+    vlm = build_toy_vlm("S", seed=1)
+    batch = step_batch(vlm, load_questions(world / "train.jsonl", vlm, limit=2))
+    ours = in_context_loss(vlm.model, batch)
+    logits = vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       pixel_values=batch.pixel_values[batch.row_video],
+                       pixel_attention_mask=batch.pixel_attention_mask[batch.row_video]).logits.float()
+    per_row = [F.cross_entropy(logits[b, :-1][batch.labels[b, 1:] != IGNORE],
+                               batch.labels[b, 1:][batch.labels[b, 1:] != IGNORE]) for b in range(len(logits))]
+    torch.testing.assert_close(ours, torch.stack(per_row).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_loss_goes_down_on_a_fixed_batch(world):
+    vlm = build_toy_vlm("S", seed=2)
+    vlm.model.train()
+    batch = step_batch(vlm, load_questions(world / "train.jsonl", vlm, limit=2))
+    optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(8):
+        loss = in_context_loss(vlm.model, batch)
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(float(loss.detach()))
+    assert losses[-1] < 0.75 * losses[0], losses
+
+
+def test_saved_model_loads_and_answers_as_when_it_was_saved(world, trained):
+    info = json.loads((Path(trained) / TOY_INFO).read_text())
+    vlm = load_smolvlm(trained, dtype=torch.float32)
+    assert vlm.preprocessor == build_toy_vlm("S").preprocessor
+    again = in_context_accuracy(vlm, world / "val.jsonl")
+    assert again == info["val_accuracy"]
+    assert again["n"] == (world / "val.jsonl").read_text().count('"task_type": "qa"')
+    metrics = [json.loads(line) for line in (Path(trained) / "metrics.jsonl").read_text().splitlines()]
+    assert metrics[-1]["step"] == 3 and metrics[-1]["val_accuracy"] == again
+
+
+def test_a_run_is_a_function_of_its_seed(world, trained, tmp_path):
+    same = train_toy_vlm(world, tmp_path / "b", steps=3, batch_videos=2, seed=5, progress=False)
+    other = train_toy_vlm(world, tmp_path / "c", steps=3, batch_videos=2, seed=6, progress=False)
+    first, second, third = (load_file(f"{path}/model.safetensors") for path in (trained, same, other))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert not all(torch.equal(first[k], third[k]) for k in first)
+
+
+def test_first_word_ignores_case_punctuation_and_what_follows():
+    assert first_word(" Red. It is red") == "red"
+    assert first_word("") == ""
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(steps=0), r"^steps: expected an int >= 1, got 0$"),
+    (dict(batch_videos=2.0), r"^batch_videos: expected an int >= 1, got 2.0$"),
+    (dict(lr=-1.0), r"^lr: expected a number > 0, got -1.0$"),
+    (dict(warmup_ratio=1.0), r"^warmup_ratio: expected a number in \[0, 1\), got 1.0$"),
+    (dict(size="XL"), r"^size: expected one of \['M', 'S'\], got 'XL'$"),
+    (dict(device="gpu0"), r"^device: expected a torch device"),
+])
+def test_bad_arguments_fail_in_one_line(world, tmp_path, overrides, message):
+    with pytest.raises(ValueError, match=message):
+        train_toy_vlm(world, tmp_path / "out", **{"steps": 1, **overrides}, progress=False)
+
+
+def test_a_folder_without_a_world_is_refused(tmp_path):
+    with pytest.raises(ValueError, match=r"^world_dir: expected a synthetic world folder with train.jsonl"):
+        train_toy_vlm(tmp_path, tmp_path / "out", steps=1, progress=False)

@@ -1,0 +1,378 @@
+"""A tiny SmolVLM2 trained from scratch on the synthetic world, with the video in its context.
+
+The first stage of the toy-scale replication (a VLM that answers the world's questions when it
+sees the clip; it later becomes the frozen base and teacher of a hypernetwork). `toy_vlm_config`
+sizes a ``SmolVLMConfig`` for 64-px clips (`TOY_SHAPES`: patch 8 → 8×8 patches per frame, pixel
+shuffle by 4 → 4 ``<image>`` tokens per frame) with a small Llama decoder and the
+character-level `tiny_smolvlm_tokenizer` (vocabulary 160: it spells every answer and question
+of the world). `train_toy_vlm` trains ALL its weights — vision tower, connector, decoder — on
+the world's train manifest:
+
+* each row is the teacher's prompt (`teacher_prompt`: one user turn ``[video, question]`` in the
+  video chat template, generation prompt on) followed by the answer and the end of the turn, as
+  the chat template renders the assistant turn; labels cover the tokens after the prompt;
+* the loss is spec §7's CE (`label_ce`: fp32, mean per row over its answer tokens, then over
+  rows); the vision tower runs once per video of the step, its tokens shared by that video's
+  questions;
+* AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), cosine schedule with linear warm-up,
+  gradient clipping at 1.0, fp32; data order: epoch e is the permutation of the train videos
+  drawn from ``(seed, e)``, each step takes the next ``batch_videos`` videos with all their
+  question rows. A run is a pure function of its arguments on one machine.
+
+The videos are decoded once (`VideoQADataset`) and kept in memory as uint8 frames (a world of
+3000 clips of 8 × 64² frames: 300 MB). The pixels of a step are made by the same
+`VideoPreprocessor` that `load_smolvlm` reads back, so training and a reloaded model see the
+same inputs. The output directory holds the model, the tokenizer, ``preprocessor_config.json``
+and ``toy_vlm.json`` (settings, final loss, seconds, validation accuracy);
+``metrics.jsonl`` gets one line per evaluation.
+
+`in_context_accuracy` answers a manifest's questions greedily with the video in context and
+scores exact match of the first word of the answer.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from v2l_fast.api import _generate, _left_pad, _pad_id
+from v2l_fast.data.loader import VideoQADataset
+from v2l_fast.data.manifest import ManifestRow, read_manifest
+from v2l_fast.errors import fail
+from v2l_fast.train.objective import IGNORE, label_ce
+from v2l_fast.train.teacher import teacher_prompt
+from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor
+from v2l_fast.vlm.load import VLM
+from v2l_fast.vlm.video import Video, VideoError
+
+TOY_IMAGE_SIZE = 64
+TOY_SHAPES: dict[str, dict] = {
+    "S": dict(text=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=16),
+              vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)),
+    "M": dict(text=dict(hidden_size=128, intermediate_size=256, num_hidden_layers=4, num_attention_heads=4,
+                        num_key_value_heads=2, head_dim=32),
+              vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)),
+}
+VOCAB_SIZE = 160
+IMAGE_TOKEN_ID = 150
+TOY_INFO = "toy_vlm.json"
+METRICS_FILE = "metrics.jsonl"
+
+
+def toy_vlm_config(size: str = "S"):
+    """A ``SmolVLMConfig`` for 64-px clips: `TOY_SHAPES[size]`, patch 8, pixel shuffle 4.
+
+    4 ``<image>`` tokens per frame; decoder positions up to 1024 (an 8-frame question is about
+    350 tokens with the character tokenizer); the tokenizer's ids (`tiny_smolvlm_tokenizer`).
+    """
+    from transformers import SmolVLMConfig
+
+    if size not in TOY_SHAPES:
+        fail("size", f"one of {sorted(TOY_SHAPES)}", repr(size))
+    shape = TOY_SHAPES[size]
+    text = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=VOCAB_SIZE,
+                max_position_embeddings=1024, **shape["text"])
+    vision = dict(model_type="smolvlm_vision", image_size=TOY_IMAGE_SIZE, patch_size=8, **shape["vision"])
+    return SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=4, image_token_id=IMAGE_TOKEN_ID,
+                         tie_word_embeddings=False)
+
+
+def toy_preprocessor_dict() -> dict:
+    """The ``preprocessor_config.json`` of a toy VLM (what `load_smolvlm` reads back)."""
+    return {"image_processor_type": "SmolVLMImageProcessor", "max_image_size": {"longest_edge": TOY_IMAGE_SIZE},
+            "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
+            "video_sampling": {"fps": 1.0}}
+
+
+def build_toy_vlm(size: str = "S", *, seed: int = 0) -> VLM:
+    """A randomly initialised toy `VLM` (fp32, CPU, train mode) with its tokenizer and preprocessor."""
+    from transformers import SmolVLMForConditionalGeneration
+
+    from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer
+
+    config = toy_vlm_config(size)
+    torch.manual_seed(seed)
+    model = SmolVLMForConditionalGeneration(config)
+    return VLM(model, tiny_smolvlm_tokenizer(VOCAB_SIZE), VideoPreprocessor.for_model(config, toy_preprocessor_dict()))
+
+
+@dataclass
+class InContextBatch:
+    """Rows ``[video, question] + answer`` of a step: ids, mask, labels, and the videos' pixels.
+
+    ``row_video[i]`` is the index in ``pixel_values`` of the video row i asks about.
+    """
+
+    input_ids: torch.Tensor  # [rows, T] int64, right-padded
+    attention_mask: torch.Tensor  # [rows, T] int64
+    labels: torch.Tensor  # [rows, T] int64, IGNORE outside the answer
+    pixel_values: torch.Tensor  # [videos, F, 3, S, S] float32
+    pixel_attention_mask: torch.Tensor  # [videos, F, S, S] bool
+    row_video: torch.Tensor  # [rows] int64
+
+
+def in_context_batch(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str], targets: Sequence[str],
+                     row_video: Sequence[int]) -> InContextBatch:
+    """Tokenize row i as `teacher_prompt` ``(videos[row_video[i]], prompts[i])`` + ``targets[i]``.
+
+    The answer is rendered by the video chat template's assistant turn (``" red<end_of_utterance>\\n"``);
+    labels cover every token after the prompt.
+    """
+    if not (len(prompts) == len(targets) == len(row_video)) or not prompts:
+        fail("targets", f"one target and one video index per prompt, at least one ({len(prompts)} prompts)",
+             f"{len(targets)} targets, {len(row_video)} video indices")
+    if not videos or min(row_video) < 0 or max(row_video) >= len(videos):
+        fail("row_video", f"indices into the {len(videos)} videos", list(row_video))
+    tokenizer, pre = vlm.tokenizer, vlm.preprocessor
+    rows, starts = [], []
+    for i, (prompt, target, v) in enumerate(zip(prompts, targets, row_video)):
+        if not target.strip():
+            fail(f"targets[{i}]", "a non-empty answer", repr(target))
+        turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]},
+                 {"role": "assistant", "content": [{"type": "text", "text": target}]}]
+        full_text = tokenizer.apply_chat_template(turns, chat_template=VIDEO_CHAT_TEMPLATE, tokenize=False)
+        full_text = full_text.replace(VIDEO_PLACEHOLDER, pre.video_text(videos[v]), 1)
+        prompt_ids = tokenizer(teacher_prompt(videos[v], prompt, vlm), add_special_tokens=False)["input_ids"]
+        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
+        if full[:len(prompt_ids)] != prompt_ids:
+            fail(f"targets[{i}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
+        rows.append(full)
+        starts.append(len(prompt_ids))
+    width, pad = max(map(len, rows)), _pad_id(tokenizer)
+    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
+    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    for b, (row, start) in enumerate(zip(rows, starts)):
+        input_ids[b, :len(row)] = torch.tensor(row)
+        attention_mask[b, :len(row)] = 1
+        labels[b, start:len(row)] = input_ids[b, start:len(row)]
+    pixels = [pre.pixel_values(video) for video in videos]
+    frames, side = max(p.shape[0] for p in pixels), pre.max_image_size
+    pixel_values = torch.zeros(len(videos), frames, 3, side, side)
+    pixel_mask = torch.zeros(len(videos), frames, side, side, dtype=torch.bool)
+    for v, p in enumerate(pixels):
+        pixel_values[v, :p.shape[0]] = p
+        pixel_mask[v, :p.shape[0]] = True
+    return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask,
+                          torch.as_tensor(list(row_video), dtype=torch.long))
+
+
+def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tensor:
+    """Spec §7's answer CE of ``model`` (a ``SmolVLMForConditionalGeneration``) with the video in context.
+
+    The vision tower and connector run once per video; row i's ``<image>`` positions take the
+    tokens of video ``row_video[i]``.
+    """
+    inner = model.model
+    device = next(model.parameters()).device
+    features = inner.get_image_features(batch.pixel_values.to(device), batch.pixel_attention_mask.to(device),
+                                        return_dict=True).pooler_output
+    input_ids = batch.input_ids.to(device)
+    image_tokens = torch.cat([features[v] for v in batch.row_video.tolist()])
+    embeds = inner.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    if int(slots[..., 0].sum()) != image_tokens.shape[0]:
+        fail("input_ids", f"{image_tokens.shape[0]} <image> tokens (those of the rows' videos)",
+             int(slots[..., 0].sum()))
+    embeds = embeds.masked_scatter(slots, image_tokens.to(embeds.dtype))
+    hidden = inner.text_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
+                              use_cache=False).last_hidden_state
+    return label_ce(model, hidden, batch.labels.to(device))
+
+
+def first_word(text: str) -> str:
+    """The first word of an answer, lower-cased, without surrounding punctuation (``""`` if none)."""
+    words = text.split()
+    return words[0].strip(".,;:!?\"'").lower() if words else ""
+
+
+@torch.no_grad()
+def in_context_answers(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str], *, max_new_tokens: int = 12,
+                       batch_size: int = 32) -> list[str]:
+    """Greedy answers to ``prompts[i]`` about ``videos[i]`` with the video in context (teacher prompt)."""
+    if len(videos) != len(prompts):
+        fail("videos", f"one video per prompt ({len(prompts)} prompts)", f"{len(videos)} videos")
+    tokenizer, pad = vlm.tokenizer, _pad_id(vlm.tokenizer)
+    answers: list[str] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(zip(videos[start:start + batch_size], prompts[start:start + batch_size]))
+        ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
+               for video, prompt in chunk]
+        input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
+        pixels = [vlm.preprocessor.pixel_values(video) for video, _ in chunk]
+        frames, side = max(p.shape[0] for p in pixels), vlm.preprocessor.max_image_size
+        pixel_values = torch.zeros(len(chunk), frames, 3, side, side)
+        pixel_mask = torch.zeros(len(chunk), frames, side, side, dtype=torch.bool)
+        for b, p in enumerate(pixels):
+            pixel_values[b, :p.shape[0]] = p
+            pixel_mask[b, :p.shape[0]] = True
+        answers += _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
+                             tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
+                             pixel_attention_mask=pixel_mask.to(vlm.device))
+    return answers
+
+
+def load_questions(manifest: str | os.PathLike, vlm: VLM, *, limit: int | None = None
+                   ) -> list[tuple[Video, tuple[ManifestRow, ...]]]:
+    """The question rows (``task_type`` ``"qa"``) of ``manifest`` grouped by video, decoded.
+
+    ``limit`` keeps the first ``limit`` videos. An unreadable video fails in one line naming it.
+    """
+    rows = [row for row in read_manifest(manifest, require_targets=True).rows if row.task_type == "qa"]
+    if not rows:
+        fail("manifest", "a manifest with question rows (task_type 'qa')", repr(os.fspath(manifest)))
+    dataset = VideoQADataset(rows, vlm.preprocessor)
+    count = len(dataset) if limit is None else min(limit, len(dataset))
+    out = []
+    for i in range(count):
+        item = dataset[i]
+        if item.error:
+            raise VideoError(item.error)
+        out.append((item.video, item.rows))
+    return out
+
+
+def in_context_accuracy(vlm: VLM, questions: str | os.PathLike | Sequence[tuple[Video, Sequence[ManifestRow]]], *,
+                        batch_size: int = 32, max_new_tokens: int = 12) -> dict[str, float]:
+    """Exact match of the first word of the greedy in-context answer with ``target_text``.
+
+    ``questions`` is a manifest path or what `load_questions` returns. Returns the accuracy per
+    ``metadata["question_type"]`` and over ``"all"``, and the number of questions ``"n"``.
+    """
+    if isinstance(questions, (str, os.PathLike)):
+        questions = load_questions(questions, vlm)
+    pairs = [(video, row) for video, rows in questions for row in rows]
+    if not pairs:
+        fail("questions", "at least one question", "none")
+    was_training = vlm.model.training
+    vlm.model.eval()
+    answers = in_context_answers(vlm, [v for v, _ in pairs], [r.prompt for _, r in pairs],
+                                 max_new_tokens=max_new_tokens, batch_size=batch_size)
+    vlm.model.train(was_training)
+    right, total = Counter(), Counter()
+    for (_, row), answer in zip(pairs, answers):
+        kind = row.metadata.get("question_type", "qa")
+        total[kind] += 1
+        right[kind] += first_word(answer) == first_word(row.target_text)
+    result = {kind: right[kind] / total[kind] for kind in sorted(total)}
+    result["all"] = sum(right.values()) / len(pairs)
+    result["n"] = len(pairs)
+    return result
+
+
+def save_toy_vlm(vlm: VLM, out_dir: str | os.PathLike) -> str:
+    """Write the model, tokenizer and ``preprocessor_config.json`` so that `load_smolvlm` loads them."""
+    out_dir = os.fspath(out_dir)
+    os.makedirs(out_dir, exist_ok=True)
+    vlm.model.save_pretrained(out_dir)
+    vlm.tokenizer.save_pretrained(out_dir)
+    with open(os.path.join(out_dir, "preprocessor_config.json"), "w", encoding="utf-8") as f:
+        json.dump(toy_preprocessor_dict(), f, indent=1)
+    return out_dir
+
+
+def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, device) -> torch.device:
+    if not os.path.isfile(os.path.join(os.fspath(world_dir), "train.jsonl")):
+        fail("world_dir", "a synthetic world folder with train.jsonl (v2l-fast world)", repr(os.fspath(world_dir)))
+    for name, value in (("steps", steps), ("batch_videos", batch_videos)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            fail(name, "an int >= 1", repr(value))
+    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
+        fail("eval_every", "an int >= 0 (0: evaluate only at the end)", repr(eval_every))
+    if not isinstance(lr, (int, float)) or not lr > 0:
+        fail("lr", "a number > 0", repr(lr))
+    if not isinstance(warmup_ratio, (int, float)) or not 0 <= warmup_ratio < 1:
+        fail("warmup_ratio", "a number in [0, 1)", repr(warmup_ratio))
+    try:
+        return torch.device(device)
+    except (RuntimeError, TypeError):
+        fail("device", "a torch device ('cpu', 'cuda')", repr(device))
+
+
+def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: str = "S", steps: int = 1000,
+                  batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
+                  seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
+                  progress: bool = True) -> str:
+    """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
+
+    Args:
+        world_dir: a `generate_world` folder (train.jsonl, and val.jsonl for the evaluations).
+        out_dir: where the model, tokenizer, preprocessor and ``toy_vlm.json`` go.
+        size: `TOY_SHAPES` key.
+        steps: optimizer steps.
+        batch_videos: videos per step, each with all its question rows.
+        lr, warmup_ratio, weight_decay: AdamW and its cosine schedule with linear warm-up.
+        seed: initialisation and data order.
+        device: where to train.
+        eval_every: in-context accuracy on the first ``eval_videos`` val videos every so many
+            steps, logged to ``metrics.jsonl`` with the training seconds so far (0: only at the end).
+        eval_videos: val videos per evaluation (all of them at the end).
+        progress: tqdm bar with the loss.
+
+    Returns:
+        ``out_dir``.
+    """
+    device = _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, device)
+    from transformers import get_cosine_schedule_with_warmup
+
+    world_dir, out_dir = os.fspath(world_dir), os.fspath(out_dir)
+    vlm = build_toy_vlm(size, seed=seed)
+    vlm.model.to(device).train()
+    train = load_questions(os.path.join(world_dir, "train.jsonl"), vlm)
+    val_path = os.path.join(world_dir, "val.jsonl")
+    val = load_questions(val_path, vlm) if os.path.isfile(val_path) else []
+    optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
+                                  weight_decay=weight_decay)
+    scheduler = get_cosine_schedule_with_warmup(optimizer, int(steps * warmup_ratio), steps)
+    os.makedirs(out_dir, exist_ok=True)
+    order, position, loss_value, seconds = np.array([], dtype=np.int64), 0, float("nan"), 0.0
+    epoch = 0
+    with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as metrics, \
+            tqdm(range(1, steps + 1), desc="toy VLM", disable=not progress) as bar:
+        for step in bar:
+            started = time.perf_counter()
+            while len(order) - position < batch_videos:
+                order = np.concatenate([order[position:], np.random.default_rng([seed, epoch]).permutation(len(train))])
+                position, epoch = 0, epoch + 1
+            picked = [train[i] for i in order[position:position + batch_videos]]
+            position += batch_videos
+            rows = [(v, row) for v, (_, group) in enumerate(picked) for row in group]
+            batch = in_context_batch(vlm, [video for video, _ in picked], [r.prompt for _, r in rows],
+                                     [r.target_text for _, r in rows], [v for v, _ in rows])
+            loss = in_context_loss(vlm.model, batch)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            loss_value = float(loss.detach())
+            seconds += time.perf_counter() - started
+            bar.set_postfix(loss=f"{loss_value:.3f}")
+            if val and eval_every and step % eval_every == 0 and step < steps:
+                accuracy = in_context_accuracy(vlm, val[:eval_videos])
+                metrics.write(json.dumps({"step": step, "train_seconds": round(seconds, 1), "loss": loss_value,
+                                          "val_accuracy": accuracy}) + "\n")
+                metrics.flush()
+        final = in_context_accuracy(vlm, val) if val else None
+        metrics.write(json.dumps({"step": steps, "train_seconds": round(seconds, 1), "loss": loss_value,
+                                  "val_accuracy": final}) + "\n")
+    vlm.model.eval()
+    save_toy_vlm(vlm, out_dir)
+    info = {"size": size, "steps": steps, "batch_videos": batch_videos, "lr": lr, "warmup_ratio": warmup_ratio,
+            "weight_decay": weight_decay, "seed": seed, "world_dir": os.path.abspath(world_dir),
+            "train_videos": len(train), "final_loss": loss_value, "train_seconds": round(seconds, 1),
+            "val_accuracy": final}
+    with open(os.path.join(out_dir, TOY_INFO), "w", encoding="utf-8") as f:
+        json.dump(info, f, indent=1)
+    return out_dir
+
