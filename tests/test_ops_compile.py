@@ -131,7 +131,10 @@ def test_perceiver_attention_and_swiglu_mlp_compile_as_single_nodes_with_gradien
 
 
 @pytest.mark.slow
-def test_patched_decoder_under_inductor_matches_eager():
+def test_patched_decoder_under_inductor_matches_eager(monkeypatch):
+    # Inductor's C++ build imports setuptools, whose distutils shim refuses to run once another
+    # test has imported the standard library's distutils; keep the standard one.
+    monkeypatch.setenv("SETUPTOOLS_USE_DISTUTILS", "stdlib")
     decoder, patch, ids, _, _ = patched_decoder(CPU_BACKENDS[-1])
     with patch, torch.no_grad():
         eager = decoder(input_ids=ids).last_hidden_state
