@@ -221,8 +221,9 @@ class Op:
         """The `Resolved` implementation of `choose`'s answer."""
         return self._resolved(self.choose(backend, device))
 
+
 def get_op(name: str) -> Op:
-    """The definition of op ``name`` (KeyError-free: an unknown name is a ValueError)."""
+    """The definition of op ``name``; an unknown name is the project's ValueError."""
     if name not in _ops:
         fail("op", f"one of {sorted(_ops)}", repr(name))
     return _ops[name]
