@@ -98,6 +98,19 @@ def test_saved_model_loads_and_answers_as_when_it_was_saved(world, trained):
     assert metrics[-1]["step"] == 3 and metrics[-1]["val_accuracy"] == again
 
 
+def test_the_default_is_the_word_tokenizer_and_char_still_trains_and_loads(world, trained, tmp_path):
+    word = load_smolvlm(trained, dtype=torch.float32)
+    assert json.loads((Path(trained) / TOY_INFO).read_text())["tokenizer"] == "word"
+    assert len(word.tokenizer) == word.model.config.text_config.vocab_size > 160
+    char_dir = train_toy_vlm(world, tmp_path / "char", steps=1, batch_videos=2, seed=5, tokenizer="char",
+                             progress=False)
+    char = load_smolvlm(char_dir, dtype=torch.float32)
+    assert len(char.tokenizer) == char.model.config.text_config.vocab_size == 160
+    assert char.model.config.image_token_id == word.model.config.image_token_id == 150
+    info = json.loads((Path(char_dir) / TOY_INFO).read_text())
+    assert info["tokenizer"] == "char" and in_context_accuracy(char, world / "val.jsonl") == info["val_accuracy"]
+
+
 def test_a_run_is_a_function_of_its_seed(world, trained, tmp_path):
     same = train_toy_vlm(world, tmp_path / "b", steps=3, batch_videos=2, seed=5, progress=False)
     other = train_toy_vlm(world, tmp_path / "c", steps=3, batch_videos=2, seed=6, progress=False)
@@ -118,6 +131,7 @@ def test_first_word_ignores_case_punctuation_and_what_follows():
     (dict(warmup_ratio=1.0), r"^warmup_ratio: expected a number in \[0, 1\), got 1.0$"),
     (dict(size="XL"), r"^size: expected one of \['M', 'S'\], got 'XL'$"),
     (dict(device="gpu0"), r"^device: expected a torch device"),
+    (dict(tokenizer="bpe"), r"^tokenizer: expected one of \['word', 'char'\], got 'bpe'$"),
 ])
 def test_bad_arguments_fail_in_one_line(world, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):

@@ -3,10 +3,12 @@
 The first stage of the toy-scale replication (a VLM that answers the world's questions when it
 sees the clip; it later becomes the frozen base and teacher of a hypernetwork). `toy_vlm_config`
 sizes a ``SmolVLMConfig`` for 64-px clips (`TOY_SHAPES`: patch 8 → 8×8 patches per frame, pixel
-shuffle by 4 → 4 ``<image>`` tokens per frame) with a small Llama decoder and the
-character-level `tiny_smolvlm_tokenizer` (vocabulary 160: it spells every answer and question
-of the world). `train_toy_vlm` trains ALL its weights — vision tower, connector, decoder — on
-the world's train manifest:
+shuffle by 4 → 4 ``<image>`` tokens per frame) with a small Llama decoder and one of
+`TOKENIZERS`: ``"word"``, the world's word-level `world_tokenizer` (one id per word and per
+fixed phrase of the video prompt: an 8-frame question row is ~94 tokens instead of ~347), or
+``"char"``, the character-level `tiny_smolvlm_tokenizer` (vocabulary 160: it spells every
+answer and question of the world). `train_toy_vlm` trains ALL its weights — vision tower,
+connector, decoder — on the world's train manifest:
 
 * each row is the teacher's prompt (`teacher_prompt`: one user turn ``[video, question]`` in the
   video chat template, generation prompt on) followed by the answer and the end of the turn, as
@@ -62,17 +64,19 @@ TOY_SHAPES: dict[str, dict] = {
                         num_key_value_heads=2, head_dim=32),
               vision=dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2)),
 }
-VOCAB_SIZE = 160
+CHAR_VOCAB_SIZE = 160
+TOKENIZERS = ("word", "char")
 IMAGE_TOKEN_ID = 150
 TOY_INFO = "toy_vlm.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def toy_vlm_config(size: str = "S"):
+def toy_vlm_config(size: str = "S", *, vocab_size: int = CHAR_VOCAB_SIZE):
     """A ``SmolVLMConfig`` for 64-px clips: `TOY_SHAPES[size]`, patch 8, pixel shuffle 4.
 
     4 ``<image>`` tokens per frame; decoder positions up to 1024 (an 8-frame question is about
-    350 tokens with the character tokenizer); the tokenizer's ids (`tiny_smolvlm_tokenizer`).
+    350 tokens with the character tokenizer); ``vocab_size`` is the tokenizer's length, whose
+    special ids both `TOKENIZERS` share (pad 0, bos 1, eos 2, ``<image>`` 150).
     """
     from transformers import SmolVLMConfig
 
@@ -80,7 +84,7 @@ def toy_vlm_config(size: str = "S"):
         fail("size", f"one of {sorted(TOY_SHAPES)}", repr(size))
     shape = TOY_SHAPES[size]
     text = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
-                bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=VOCAB_SIZE,
+                bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=vocab_size,
                 max_position_embeddings=1024, **shape["text"])
     vision = dict(model_type="smolvlm_vision", image_size=TOY_IMAGE_SIZE, patch_size=8, **shape["vision"])
     return SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=4, image_token_id=IMAGE_TOKEN_ID,
@@ -94,16 +98,24 @@ def toy_preprocessor_dict() -> dict:
             "video_sampling": {"fps": 1.0}}
 
 
-def build_toy_vlm(size: str = "S", *, seed: int = 0) -> VLM:
-    """A randomly initialised toy `VLM` (fp32, CPU, train mode) with its tokenizer and preprocessor."""
+def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word") -> VLM:
+    """A randomly initialised toy `VLM` (fp32, CPU, train mode) with its tokenizer and preprocessor.
+
+    ``tokenizer`` is one of `TOKENIZERS`: ``"word"`` (`world_tokenizer`) or ``"char"``
+    (`tiny_smolvlm_tokenizer`).
+    """
     from transformers import SmolVLMForConditionalGeneration
 
+    from v2l_fast.data.synthetic_tokenizer import world_tokenizer
     from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer
 
-    config = toy_vlm_config(size)
+    if tokenizer not in TOKENIZERS:
+        fail("tokenizer", f"one of {list(TOKENIZERS)}", repr(tokenizer))
+    tok = world_tokenizer() if tokenizer == "word" else tiny_smolvlm_tokenizer(CHAR_VOCAB_SIZE)
+    config = toy_vlm_config(size, vocab_size=len(tok))
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(config)
-    return VLM(model, tiny_smolvlm_tokenizer(VOCAB_SIZE), VideoPreprocessor.for_model(config, toy_preprocessor_dict()))
+    return VLM(model, tok, VideoPreprocessor.for_model(config, toy_preprocessor_dict()))
 
 
 @dataclass
@@ -302,7 +314,7 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, de
 def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: str = "S", steps: int = 1000,
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
-                  progress: bool = True) -> str:
+                  tokenizer: str = "word", progress: bool = True) -> str:
     """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
 
     Args:
@@ -317,6 +329,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         eval_every: in-context accuracy on the first ``eval_videos`` val videos every so many
             steps, logged to ``metrics.jsonl`` with the training seconds so far (0: only at the end).
         eval_videos: val videos per evaluation (all of them at the end).
+        tokenizer: `TOKENIZERS` key (``"word"``: the world's word-level tokenizer; ``"char"``:
+            the character-level one).
         progress: tqdm bar with the loss.
 
     Returns:
@@ -326,7 +340,7 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     from transformers import get_cosine_schedule_with_warmup
 
     world_dir, out_dir = os.fspath(world_dir), os.fspath(out_dir)
-    vlm = build_toy_vlm(size, seed=seed)
+    vlm = build_toy_vlm(size, seed=seed, tokenizer=tokenizer)
     vlm.model.to(device).train()
     train = load_questions(os.path.join(world_dir, "train.jsonl"), vlm)
     val_path = os.path.join(world_dir, "val.jsonl")
@@ -368,8 +382,9 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                                   "val_accuracy": final}) + "\n")
     vlm.model.eval()
     save_toy_vlm(vlm, out_dir)
-    info = {"size": size, "steps": steps, "batch_videos": batch_videos, "lr": lr, "warmup_ratio": warmup_ratio,
-            "weight_decay": weight_decay, "seed": seed, "world_dir": os.path.abspath(world_dir),
+    info = {"size": size, "tokenizer": tokenizer, "steps": steps, "batch_videos": batch_videos, "lr": lr,
+            "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "seed": seed,
+            "world_dir": os.path.abspath(world_dir),
             "train_videos": len(train), "final_loss": loss_value, "train_seconds": round(seconds, 1),
             "val_accuracy": final}
     with open(os.path.join(out_dir, TOY_INFO), "w", encoding="utf-8") as f:
