@@ -71,6 +71,13 @@ def student_batch(tokenizer, prompts: list[str], targets: list[str], row_video: 
             fail(f"targets[{i}]", "a non-empty answer that extends the templated prompt", repr(target[:80]))
         rows.append(full)
         starts.append(len(prompt_only))
+    return StudentBatch(*right_pad_labelled(rows, starts, pad), torch.as_tensor(row_video, dtype=torch.long))
+
+
+def right_pad_labelled(rows: list[list[int]], starts: list[int], pad: int
+                       ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask, labels)`` ``[rows, T]`` of token rows right-padded with
+    ``pad``; row b is labelled from ``starts[b]`` to its end, −100 elsewhere (prompt, padding)."""
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -79,7 +86,7 @@ def student_batch(tokenizer, prompts: list[str], targets: list[str], row_video: 
         input_ids[b, :len(row)] = torch.tensor(row)
         attention_mask[b, :len(row)] = 1
         labels[b, start:len(row)] = input_ids[b, start:len(row)]
-    return StudentBatch(input_ids, attention_mask, labels, torch.as_tensor(row_video, dtype=torch.long))
+    return input_ids, attention_mask, labels
 
 
 def answer_loss(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:

@@ -28,7 +28,7 @@ from v2l_fast.api import _generate, _left_pad, _pad_id
 from v2l_fast.data.loader import describe_rows
 from v2l_fast.data.manifest import ManifestRow, fsync_folder, read_manifest, row_line, write_manifest
 from v2l_fast.errors import fail
-from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER
+from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError, read_video
 
@@ -69,13 +69,7 @@ def video_answers(videos: Sequence[Video], prompts: Sequence[str], vlm: VLM, *, 
     ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
            for video, prompt in zip(videos, prompts)]
     input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
-    frames, side = max(pixels[id(video)].shape[0] for video in videos), vlm.preprocessor.max_image_size
-    pixel_values = torch.zeros(len(videos), frames, 3, side, side)
-    pixel_mask = torch.zeros(len(videos), frames, side, side, dtype=torch.bool)
-    for b, video in enumerate(videos):
-        count = pixels[id(video)].shape[0]
-        pixel_values[b, :count] = pixels[id(video)]
-        pixel_mask[b, :count] = True
+    pixel_values, pixel_mask = pad_frames([pixels[id(video)] for video in videos], vlm.preprocessor.max_image_size)
     return _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
                      tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
                      pixel_attention_mask=pixel_mask.to(vlm.device))

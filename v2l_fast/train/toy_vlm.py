@@ -45,13 +45,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from v2l_fast.api import _generate, _left_pad, _pad_id
+from v2l_fast.api import _pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
-from v2l_fast.train.objective import IGNORE, label_ce
-from v2l_fast.train.teacher import teacher_prompt
-from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor
+from v2l_fast.train.objective import label_ce, right_pad_labelled
+from v2l_fast.train.teacher import teacher_prompt, video_answers
+from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor, pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
 
@@ -160,22 +160,8 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str], 
             fail(f"targets[{i}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
         rows.append(full)
         starts.append(len(prompt_ids))
-    width, pad = max(map(len, rows)), _pad_id(tokenizer)
-    input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
-    attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
-    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
-    for b, (row, start) in enumerate(zip(rows, starts)):
-        input_ids[b, :len(row)] = torch.tensor(row)
-        attention_mask[b, :len(row)] = 1
-        labels[b, start:len(row)] = input_ids[b, start:len(row)]
-    pixels = [pre.pixel_values(video) for video in videos]
-    frames, side = max(p.shape[0] for p in pixels), pre.max_image_size
-    pixel_values = torch.zeros(len(videos), frames, 3, side, side)
-    pixel_mask = torch.zeros(len(videos), frames, side, side, dtype=torch.bool)
-    for v, p in enumerate(pixels):
-        pixel_values[v, :p.shape[0]] = p
-        pixel_mask[v, :p.shape[0]] = True
-    return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask,
+    pixel_values, pixel_mask = pad_frames([pre.pixel_values(video) for video in videos], pre.max_image_size)
+    return InContextBatch(*right_pad_labelled(rows, starts, _pad_id(tokenizer)), pixel_values, pixel_mask,
                           torch.as_tensor(list(row_video), dtype=torch.long))
 
 
@@ -214,23 +200,10 @@ def in_context_answers(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str]
     """Greedy answers to ``prompts[i]`` about ``videos[i]`` with the video in context (teacher prompt)."""
     if len(videos) != len(prompts):
         fail("videos", f"one video per prompt ({len(prompts)} prompts)", f"{len(videos)} videos")
-    tokenizer, pad = vlm.tokenizer, _pad_id(vlm.tokenizer)
     answers: list[str] = []
     for start in range(0, len(prompts), batch_size):
-        chunk = list(zip(videos[start:start + batch_size], prompts[start:start + batch_size]))
-        ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
-               for video, prompt in chunk]
-        input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
-        pixels = [vlm.preprocessor.pixel_values(video) for video, _ in chunk]
-        frames, side = max(p.shape[0] for p in pixels), vlm.preprocessor.max_image_size
-        pixel_values = torch.zeros(len(chunk), frames, 3, side, side)
-        pixel_mask = torch.zeros(len(chunk), frames, side, side, dtype=torch.bool)
-        for b, p in enumerate(pixels):
-            pixel_values[b, :p.shape[0]] = p
-            pixel_mask[b, :p.shape[0]] = True
-        answers += _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
-                             tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
-                             pixel_attention_mask=pixel_mask.to(vlm.device))
+        answers += video_answers(videos[start:start + batch_size], prompts[start:start + batch_size], vlm,
+                                 max_new_tokens=max_new_tokens)
     return answers
 
 

@@ -176,6 +176,18 @@ class VideoBatch:
                           self.pixel_attention_mask.to(device))
 
 
+def pad_frames(pixels: list[torch.Tensor], side: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack per-video ``[F_i, 3, side, side]`` pixels into ``[B, F, 3, side, side]``, F = max F_i,
+    zero-padded, with the ``[B, F, side, side]`` bool mask that is False on padding frames."""
+    frames = max(p.shape[0] for p in pixels)
+    pixel_values = torch.zeros(len(pixels), frames, 3, side, side)
+    pixel_mask = torch.zeros(len(pixels), frames, side, side, dtype=torch.bool)
+    for b, pix in enumerate(pixels):
+        pixel_values[b, :pix.shape[0]] = pix
+        pixel_mask[b, :pix.shape[0]] = True
+    return pixel_values, pixel_mask
+
+
 def build_video_batch(videos: list[Video], instruction: str, tokenizer, preprocessor: VideoPreprocessor,
                       pad_token_id: int = 0) -> VideoBatch:
     """Tokenize each video's prompt and stack the pixels into one `VideoBatch`."""
@@ -183,16 +195,12 @@ def build_video_batch(videos: list[Video], instruction: str, tokenizer, preproce
         fail("videos", "at least one video", "an empty list")
     ids = [tokenizer(preprocessor.prompt(video, instruction, tokenizer), add_special_tokens=False)["input_ids"]
            for video in videos]
-    pixels = [preprocessor.pixel_values(video) for video in videos]
-    batch, seq, frames = len(videos), max(map(len, ids)), max(p.shape[0] for p in pixels)
-    side = preprocessor.max_image_size
+    pixel_values, pixel_mask = pad_frames([preprocessor.pixel_values(video) for video in videos],
+                                          preprocessor.max_image_size)
+    batch, seq = len(videos), max(map(len, ids))
     input_ids = torch.full((batch, seq), pad_token_id, dtype=torch.long)
     attention_mask = torch.zeros(batch, seq, dtype=torch.long)
-    pixel_values = torch.zeros(batch, frames, 3, side, side)
-    pixel_mask = torch.zeros(batch, frames, side, side, dtype=torch.bool)
-    for b, (row, pix) in enumerate(zip(ids, pixels)):
+    for b, row in enumerate(ids):
         input_ids[b, :len(row)] = torch.tensor(row)
         attention_mask[b, :len(row)] = 1
-        pixel_values[b, :pix.shape[0]] = pix
-        pixel_mask[b, :pix.shape[0]] = True
     return VideoBatch(input_ids, attention_mask, pixel_values, pixel_mask)
