@@ -21,6 +21,7 @@ from v2l_fast.train.toy_vlm import (
     in_context_batch,
     in_context_loss,
     load_questions,
+    save_toy_vlm,
     train_toy_vlm,
 )
 from v2l_fast.vlm.load import load_smolvlm
@@ -56,7 +57,7 @@ def test_rows_are_the_teacher_prompt_then_the_answer_turn(world):
     assert (batch.labels[b, :len(prompt)] == IGNORE).all()
     answer = batch.labels[b][batch.labels[b] != IGNORE].tolist()
     assert vlm.tokenizer.decode(answer) == f" {row.target_text}<end_of_utterance>\n"
-    assert (batch.input_ids[b] == 150).sum() == 8 * vlm.preprocessor.image_seq_len  # 8 frames, 4 tokens each
+    assert (batch.input_ids[b] == 150).sum() == 8 * vlm.preprocessor.image_seq_len == 8 * 16  # 8 frames, 16 tokens each
     assert batch.row_video.tolist() == [0] * len(questions[0][1]) + [1] * len(questions[1][1])
 
 
@@ -132,6 +133,7 @@ def test_first_word_ignores_case_punctuation_and_what_follows():
     (dict(size="XL"), r"^size: expected one of \['M', 'S'\], got 'XL'$"),
     (dict(device="gpu0"), r"^device: expected a torch device"),
     (dict(tokenizer="bpe"), r"^tokenizer: expected one of \['word', 'char'\], got 'bpe'$"),
+    (dict(tokens_per_frame=8), r"^tokens_per_frame: expected one of \[4, 16, 64\], got 8$"),
 ])
 def test_bad_arguments_fail_in_one_line(world, tmp_path, overrides, message):
     with pytest.raises(ValueError, match=message):
@@ -141,3 +143,27 @@ def test_bad_arguments_fail_in_one_line(world, tmp_path, overrides, message):
 def test_a_folder_without_a_world_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"^world_dir: expected a synthetic world folder with train.jsonl"):
         train_toy_vlm(tmp_path, tmp_path / "out", steps=1, progress=False)
+
+
+@pytest.mark.parametrize("tokens", [4, 16, 64])
+def test_tokens_per_frame_sets_the_pixel_shuffle_and_survives_a_reload(tokens, tmp_path):
+    vlm = build_toy_vlm("S", tokens_per_frame=tokens)
+    assert vlm.preprocessor.image_seq_len == tokens
+    save_toy_vlm(vlm, tmp_path / "m")
+    again = load_smolvlm(tmp_path / "m", dtype=torch.float32)
+    assert again.preprocessor == vlm.preprocessor
+    assert again.preprocessor.longest_edge == again.preprocessor.max_image_size == 64  # no 384-px detour
+    pixels = torch.rand(1, 8, 3, 64, 64)  # (all-zero frames would be dropped as padding)
+    features = again.model.model.get_image_features(pixels, torch.ones(1, 8, 64, 64, dtype=torch.bool),
+                                                    return_dict=True).pooler_output
+    assert [f.shape[0] for f in features] == [8 * tokens]
+
+
+@pytest.mark.parametrize("flag", ["blind", "captions"])
+def test_blind_rows_and_captions_are_trained_on(world, trained, tmp_path, flag):
+    """Turning either kind of extra row off changes what a run learns (the default has both on)."""
+    without = train_toy_vlm(world, tmp_path / flag, steps=3, batch_videos=2, seed=5, progress=False, **{flag: False})
+    info = json.loads((Path(without) / TOY_INFO).read_text())
+    assert info[flag] is False and json.loads((Path(trained) / TOY_INFO).read_text())[flag] is True
+    on, off = load_file(f"{trained}/model.safetensors"), load_file(f"{without}/model.safetensors")
+    assert not all(torch.equal(on[k], off[k]) for k in on)

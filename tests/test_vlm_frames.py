@@ -99,6 +99,9 @@ def test_preprocessor_reads_model_config_and_preprocessor_dict():
     assert read.max_image_size == 384 and read.image_mean == (0.1, 0.2, 0.3) and read.resample == 3
     assert read.fps == 2.0 and read.max_frames == 8  # the call's max_frames wins (spec §2: 12)
     assert VideoPreprocessor.for_model(smolvlm_config("2.2B")).image_seq_len == 81
+    hub_size = VideoPreprocessor.for_model(config, {"size": {"longest_edge": 2048}})
+    assert hub_size.longest_edge == 384  # the authors' 384, whatever the hub's image size
+    assert VideoPreprocessor.for_model(config, {"v2l_fast": {"longest_edge": 64}}).longest_edge == 64
 
 
 def test_build_video_batch_pads_text_right_and_frames_with_zeros():

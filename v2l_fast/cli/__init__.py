@@ -6,7 +6,8 @@ embedded default that needs no download: a tiny random SmolVLM2, a fresh Frames2
 synthetic video. ``internalize`` and ``ask`` run the same path on real checkpoints; ``teacher``
 writes the training targets of a manifest (`v2l_fast.train.teacher`); ``train`` trains the
 hypernetwork on them (`v2l_fast.train.trainer`); ``evaluate`` scores held-out questions with the
-video in context, with the adapter alone and with neither (`v2l_fast.train.evaluate`). Bad input
+video in context, with the adapter alone and with neither (`v2l_fast.train.evaluate`);
+``replicate`` runs the toy replication end to end (`v2l_fast.train.replicate`). Bad input
 (a missing or corrupt file, adapters made for another model, a backend that cannot run) ends
 with one line on stderr and exit code 2.
 """
@@ -18,7 +19,7 @@ import sys
 from collections.abc import Sequence
 
 import v2l_fast
-from v2l_fast.cli import ask, demo, evaluate, info, internalize, teacher, train, world
+from v2l_fast.cli import ask, demo, evaluate, info, internalize, replicate, teacher, train, world
 from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
 
 __all__ = ["build_parser", "main"]
@@ -30,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Frames2LoRA), then answer questions with zero visual tokens.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {v2l_fast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for command in (demo, internalize, ask, info, teacher, world, train, evaluate):
+    for command in (demo, internalize, ask, info, teacher, world, train, evaluate, replicate):
         command.add_parser(commands)
     return parser
 

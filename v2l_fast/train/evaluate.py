@@ -126,10 +126,17 @@ class EvalReport:
             "prior": dict(self.prior),
             "counts": dict(self.counts),
             "correct": {mode: dict(self.correct[mode]) for mode in MODES},
+            "agree": dict(self.agree),
             "goal": dict(self.goal, met=self.goal_met),
             "settings": dict(self.settings),
             "questions": list(self.questions),
         }
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvalReport:
+        """The report `to_json` wrote (counts, correct answers, agreement, prior, settings, questions)."""
+        return cls(dict(data["counts"]), {mode: dict(data["correct"][mode]) for mode in MODES}, dict(data["agree"]),
+                   dict(data["prior"]), list(data.get("questions", [])), dict(data.get("settings", {})))
 
     def table(self) -> str:
         """A plain-text table: one line per question type and one for all, accuracies in percent."""

@@ -116,7 +116,9 @@ def make_teacher_targets(manifest_in: str | os.PathLike, manifest_out: str | os.
                          {"teacher_model": settings["name"], "teacher_max_new_tokens": max_new_tokens})
     resumed = len(done)
     skipped = [str(reason) for reason in bad]
-    todo = [row for row in rows if row.id not in done]
+    # Rows of one task type share a batch: a caption row would make a batch of one-word answers
+    # generate to the caption's length (output order is the input order whatever the batches).
+    todo = sorted((row for row in rows if row.id not in done), key=lambda row: row.task_type)
     batches = [todo[i:i + batch_size] for i in range(0, len(todo), batch_size)]
     with open(partial, "a", encoding="utf-8") as sink:
         fsync_folder(out_dir)

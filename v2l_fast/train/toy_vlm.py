@@ -3,7 +3,7 @@
 The first stage of the toy-scale replication (a VLM that answers the world's questions when it
 sees the clip; it later becomes the frozen base and teacher of a hypernetwork). `toy_vlm_config`
 sizes a ``SmolVLMConfig`` for 64-px clips (`TOY_SHAPES`: patch 8 → 8×8 patches per frame, pixel
-shuffle by 4 → 4 ``<image>`` tokens per frame) with a small Llama decoder and one of
+shuffle to `TOKENS_PER_FRAME` ``<image>`` tokens per frame: 16 by default) with a small Llama decoder and one of
 `TOKENIZERS`: ``"word"``, the world's word-level `world_tokenizer` (one id per word and per
 fixed phrase of the video prompt: an 8-frame question row is ~94 tokens instead of ~347), or
 ``"char"``, the character-level `tiny_smolvlm_tokenizer` (vocabulary 160: it spells every
@@ -19,7 +19,14 @@ connector, decoder — on the world's train manifest:
 * AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), cosine schedule with linear warm-up,
   gradient clipping at 1.0, fp32; data order: epoch e is the permutation of the train videos
   drawn from ``(seed, e)``, each step takes the next ``batch_videos`` videos with all their
-  question rows. A run is a pure function of its arguments on one machine.
+  question rows (and its caption row, ``captions=True``: the caption names every object's
+  size, colour, shape and direction, a dense signal that makes the frames worth reading early);
+* with ``blind=True`` each question row is also trained without the video, in the student's
+  text-only template (`student_batch`): the model learns to answer a question it cannot see with
+  the answer prior — the honest baseline (c) of the evaluation — and text-only prompts, where
+  the hypernetwork's adapters act, are in its distribution. The step's loss is the mean over all
+  rows, with and without the video;
+  A run is a pure function of its arguments on one machine.
 
 The videos are decoded once (`VideoQADataset`) and kept in memory as uint8 frames (a world of
 3000 clips of 8 × 64² frames: 300 MB). The pixels of a step are made by the same
@@ -49,7 +56,7 @@ from v2l_fast.api import _pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
-from v2l_fast.train.objective import label_ce, right_pad_labelled
+from v2l_fast.train.objective import answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import teacher_prompt, video_answers
 from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor, pad_frames
 from v2l_fast.vlm.load import VLM
@@ -67,42 +74,53 @@ TOY_SHAPES: dict[str, dict] = {
 CHAR_VOCAB_SIZE = 160
 TOKENIZERS = ("word", "char")
 IMAGE_TOKEN_ID = 150
+PATCH_SIZE = 8
+# <image> tokens per frame → pixel-shuffle factor on the 8×8 patch grid. 4 tokens per frame kept
+# a model S at the blind prior for 2000 steps; 16 read colours within 1000 (bench/NOTES.md).
+TOKENS_PER_FRAME = {4: 4, 16: 2, 64: 1}
 TOY_INFO = "toy_vlm.json"
 METRICS_FILE = "metrics.jsonl"
 
 
-def toy_vlm_config(size: str = "S", *, vocab_size: int = CHAR_VOCAB_SIZE):
-    """A ``SmolVLMConfig`` for 64-px clips: `TOY_SHAPES[size]`, patch 8, pixel shuffle 4.
+def toy_vlm_config(size: str = "S", *, vocab_size: int = CHAR_VOCAB_SIZE, tokens_per_frame: int = 16):
+    """A ``SmolVLMConfig`` for 64-px clips: `TOY_SHAPES[size]`, patch 8, ``tokens_per_frame``.
 
-    4 ``<image>`` tokens per frame; decoder positions up to 1024 (an 8-frame question is about
-    350 tokens with the character tokenizer); ``vocab_size`` is the tokenizer's length, whose
-    special ids both `TOKENIZERS` share (pad 0, bos 1, eos 2, ``<image>`` 150).
+    ``tokens_per_frame`` ``<image>`` tokens per frame (a `TOKENS_PER_FRAME` key: the 64 patches
+    pixel-shuffled by 4, 2 or 1); decoder positions up to 1024 (an 8-frame question is about
+    350 tokens with the character tokenizer and 4 tokens per frame); ``vocab_size`` is the
+    tokenizer's length, whose special ids both `TOKENIZERS` share (pad 0, bos 1, eos 2,
+    ``<image>`` 150).
     """
     from transformers import SmolVLMConfig
 
     if size not in TOY_SHAPES:
         fail("size", f"one of {sorted(TOY_SHAPES)}", repr(size))
+    if tokens_per_frame not in TOKENS_PER_FRAME:
+        fail("tokens_per_frame", f"one of {sorted(TOKENS_PER_FRAME)}", repr(tokens_per_frame))
     shape = TOY_SHAPES[size]
     text = dict(model_type="llama", hidden_act="silu", rms_norm_eps=1e-5, tie_word_embeddings=False,
                 bos_token_id=1, eos_token_id=2, pad_token_id=0, vocab_size=vocab_size,
                 max_position_embeddings=1024, **shape["text"])
-    vision = dict(model_type="smolvlm_vision", image_size=TOY_IMAGE_SIZE, patch_size=8, **shape["vision"])
-    return SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=4, image_token_id=IMAGE_TOKEN_ID,
-                         tie_word_embeddings=False)
+    vision = dict(model_type="smolvlm_vision", image_size=TOY_IMAGE_SIZE, patch_size=PATCH_SIZE, **shape["vision"])
+    return SmolVLMConfig(text_config=text, vision_config=vision, scale_factor=TOKENS_PER_FRAME[tokens_per_frame],
+                         image_token_id=IMAGE_TOKEN_ID, tie_word_embeddings=False)
 
 
 def toy_preprocessor_dict() -> dict:
     """The ``preprocessor_config.json`` of a toy VLM (what `load_smolvlm` reads back)."""
     return {"image_processor_type": "SmolVLMImageProcessor", "max_image_size": {"longest_edge": TOY_IMAGE_SIZE},
+            # frames go straight to 64 px (the default first resize to 384 px and back costs
+            # 2 LANCZOS passes per frame, ~40 % of a toy training step, for blurrier pixels)
+            "v2l_fast": {"longest_edge": TOY_IMAGE_SIZE},
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
             "video_sampling": {"fps": 1.0}}
 
 
-def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word") -> VLM:
+def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word", tokens_per_frame: int = 16) -> VLM:
     """A randomly initialised toy `VLM` (fp32, CPU, train mode) with its tokenizer and preprocessor.
 
     ``tokenizer`` is one of `TOKENIZERS`: ``"word"`` (`world_tokenizer`) or ``"char"``
-    (`tiny_smolvlm_tokenizer`).
+    (`tiny_smolvlm_tokenizer`); ``tokens_per_frame`` as in `toy_vlm_config`.
     """
     from transformers import SmolVLMForConditionalGeneration
 
@@ -112,7 +130,7 @@ def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word") ->
     if tokenizer not in TOKENIZERS:
         fail("tokenizer", f"one of {list(TOKENIZERS)}", repr(tokenizer))
     tok = world_tokenizer() if tokenizer == "word" else tiny_smolvlm_tokenizer(CHAR_VOCAB_SIZE)
-    config = toy_vlm_config(size, vocab_size=len(tok))
+    config = toy_vlm_config(size, vocab_size=len(tok), tokens_per_frame=tokens_per_frame)
     torch.manual_seed(seed)
     model = SmolVLMForConditionalGeneration(config)
     return VLM(model, tok, VideoPreprocessor.for_model(config, toy_preprocessor_dict()))
@@ -207,15 +225,15 @@ def in_context_answers(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str]
     return answers
 
 
-def load_questions(manifest: str | os.PathLike, vlm: VLM, *, limit: int | None = None
-                   ) -> list[tuple[Video, tuple[ManifestRow, ...]]]:
-    """The question rows (``task_type`` ``"qa"``) of ``manifest`` grouped by video, decoded.
+def load_questions(manifest: str | os.PathLike, vlm: VLM, *, limit: int | None = None,
+                   task_types: Sequence[str] = ("qa",)) -> list[tuple[Video, tuple[ManifestRow, ...]]]:
+    """The rows of ``manifest`` whose ``task_type`` is in ``task_types`` grouped by video, decoded.
 
     ``limit`` keeps the first ``limit`` videos. An unreadable video fails in one line naming it.
     """
-    rows = [row for row in read_manifest(manifest, require_targets=True).rows if row.task_type == "qa"]
+    rows = [row for row in read_manifest(manifest, require_targets=True).rows if row.task_type in task_types]
     if not rows:
-        fail("manifest", "a manifest with question rows (task_type 'qa')", repr(os.fspath(manifest)))
+        fail("manifest", f"a manifest with rows of task_type {list(task_types)}", repr(os.fspath(manifest)))
     dataset = VideoQADataset(rows, vlm.preprocessor)
     count = len(dataset) if limit is None else min(limit, len(dataset))
     out = []
@@ -236,7 +254,7 @@ def in_context_accuracy(vlm: VLM, questions: str | os.PathLike | Sequence[tuple[
     """
     if isinstance(questions, (str, os.PathLike)):
         questions = load_questions(questions, vlm)
-    pairs = [(video, row) for video, rows in questions for row in rows]
+    pairs = [(video, row) for video, rows in questions for row in rows if row.task_type == "qa"]
     if not pairs:
         fail("questions", "at least one question", "none")
     was_training = vlm.model.training
@@ -287,7 +305,8 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, de
 def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: str = "S", steps: int = 1000,
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
-                  tokenizer: str = "word", progress: bool = True) -> str:
+                  tokenizer: str = "word", tokens_per_frame: int = 16, captions: bool = True, blind: bool = True,
+                  progress: bool = True) -> str:
     """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
 
     Args:
@@ -304,6 +323,9 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         eval_videos: val videos per evaluation (all of them at the end).
         tokenizer: `TOKENIZERS` key (``"word"``: the world's word-level tokenizer; ``"char"``:
             the character-level one).
+        tokens_per_frame: ``<image>`` tokens per frame (`TOKENS_PER_FRAME`).
+        captions: train on each video's caption row as well as its questions.
+        blind: train each question without the video as well (text-only template).
         progress: tqdm bar with the loss.
 
     Returns:
@@ -313,9 +335,10 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     from transformers import get_cosine_schedule_with_warmup
 
     world_dir, out_dir = os.fspath(world_dir), os.fspath(out_dir)
-    vlm = build_toy_vlm(size, seed=seed, tokenizer=tokenizer)
+    vlm = build_toy_vlm(size, seed=seed, tokenizer=tokenizer, tokens_per_frame=tokens_per_frame)
     vlm.model.to(device).train()
-    train = load_questions(os.path.join(world_dir, "train.jsonl"), vlm)
+    train = load_questions(os.path.join(world_dir, "train.jsonl"), vlm,
+                           task_types=("qa", "caption") if captions else ("qa",))
     val_path = os.path.join(world_dir, "val.jsonl")
     val = load_questions(val_path, vlm) if os.path.isfile(val_path) else []
     optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
@@ -337,6 +360,12 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
             batch = in_context_batch(vlm, [video for video, _ in picked], [r.prompt for _, r in rows],
                                      [r.target_text for _, r in rows], [v for v, _ in rows])
             loss = in_context_loss(vlm.model, batch)
+            questions = [r for _, r in rows if r.task_type == "qa"]
+            if blind and questions:
+                text_only = student_batch(vlm.tokenizer, [r.prompt for r in questions],
+                                          [r.target_text for r in questions], [0] * len(questions))
+                loss = (loss * len(rows) + answer_loss(vlm.model, text_only.to(device)) * len(questions)) / (
+                    len(rows) + len(questions))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
             optimizer.step()
@@ -355,7 +384,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                                   "val_accuracy": final}) + "\n")
     vlm.model.eval()
     save_toy_vlm(vlm, out_dir)
-    info = {"size": size, "tokenizer": tokenizer, "steps": steps, "batch_videos": batch_videos, "lr": lr,
+    info = {"size": size, "tokenizer": tokenizer, "tokens_per_frame": tokens_per_frame, "captions": captions,
+            "blind": blind, "steps": steps, "batch_videos": batch_videos, "lr": lr,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "seed": seed,
             "world_dir": os.path.abspath(world_dir),
             "train_videos": len(train), "final_loss": loss_value, "train_seconds": round(seconds, 1),

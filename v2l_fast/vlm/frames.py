@@ -74,7 +74,8 @@ class VideoPreprocessor:
 
         ``processor_dict`` is the content of ``preprocessor_config.json`` (None: the
         transformers defaults, 0.5 mean/std, and ``max_image_size`` = the vision tower's
-        ``image_size``). ``overrides`` replace fields (e.g. ``max_frames=8``).
+        ``image_size``); ``longest_edge`` is 384 (the authors' setting) unless the dict's
+        ``"v2l_fast": {"longest_edge": N}`` says otherwise. ``overrides`` replace fields (e.g. ``max_frames=8``).
         """
         vision = config.vision_config
         side = vision.image_size // vision.patch_size
@@ -89,6 +90,10 @@ class VideoPreprocessor:
             for key, cast in (("rescale_factor", float), ("resample", int)):
                 if key in processor_dict:
                     values[key] = cast(processor_dict[key])
+            # The authors resize to 384 whatever the hub config says (docs/method.md §2); a model
+            # v2l_fast writes (the toy VLM at 64 px) names its own first resize here.
+            if "longest_edge" in (processor_dict.get("v2l_fast") or {}):
+                values["longest_edge"] = int(processor_dict["v2l_fast"]["longest_edge"])
             if "fps" in (processor_dict.get("video_sampling") or {}):
                 values["fps"] = float(processor_dict["video_sampling"]["fps"])
         values.update(overrides)
