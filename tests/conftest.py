@@ -25,3 +25,14 @@ def pytest_collection_modifyitems(config, items):
 def device() -> torch.device:
     """The device kernel tests run on: CUDA when present, else CPU (interpreter)."""
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.fixture(scope="session")
+def quick_replication(tmp_path_factory):
+    """``(out_dir, report, log lines)`` of one `replicate` run with the few-second `QUICK` settings."""
+    from v2l_fast.train.replicate import QUICK, replicate
+
+    out = tmp_path_factory.mktemp("replicate")
+    lines: list[str] = []
+    report = replicate(out, QUICK, progress=False, log=lines.append)
+    return out, report, lines

@@ -73,18 +73,21 @@ def adapters_file(saved):
 
 
 def test_demo_runs_the_whole_path_with_zero_visual_tokens_in_the_answers(capsys):
-    code, out, err = run(capsys, "demo", "--frames", "2", "--max-new-tokens", "3", "--questions", "Q one?", "Q two?")
+    code, out, err = run(capsys, "demo", "--random", "--frames", "2", "--max-new-tokens", "3",
+                         "--questions", "Q one?", "Q two?")
     assert code == 0, err
     assert "RANDOM" in out and "meaningless" in out and "--vlm" in out and "--hypernet" in out
-    internalized = re.search(r"context: (\d+) tokens, (\d+) of them visual \(<image>\), from (\d+) frames", out)
+    internalized = re.search(r"once: (\d+) context tokens, (\d+) visual \(<image>\) from (\d+) frames", out)
     assert internalized and int(internalized[2]) == 2 * image_seq_len("tiny") and int(internalized[3]) == 2
     assert int(internalized[1]) > int(internalized[2])
-    asked = re.search(r"context: (\d+)–(\d+) tokens per question, (\d+) visual, (\d+) frames", out)
-    assert asked and int(asked[1]) > 0 and asked[3] == "0" and asked[4] == "0"
+    asked = re.search(r"per question: adapter (\d+)–(\d+) tokens, (\d+) visual; video in context (\d+)–(\d+) "
+                      r"tokens, (\d+) visual", out)
+    assert asked and int(asked[1]) > 0 and asked[3] == "0" and int(asked[6]) == 2 * image_seq_len("tiny")
+    assert int(asked[4]) > int(asked[2])
     assert "A [1, 4, 8, 128], B [1, 4, 8, 64]" in out
-    assert "answers with the loaded adapters: identical" in out
-    assert out.count("  Q: ") == 2 and "Q: Q one?" in out and "Q: Q two?" in out
-    for stage in ("build models", "write video", "internalize", "ask", "save adapters", "load adapters"):
+    assert "answers with the reloaded adapter: identical" in out
+    assert re.search(r"\n    Q one\? +'.*' +'.*'\n    Q two\? +'.*' +'.*'\n", out) and "truth" not in out
+    for stage in ("load models", "write video", "internalize", "ask (adapter)", "ask (video in context)"):
         assert re.search(rf"\n  {re.escape(stage)} +[\d.]+ ms", out), stage
     assert "lora_sgmv=" in out and "perceiver_attention=" in out
 
@@ -93,19 +96,19 @@ def test_demo_backend_switch_gives_the_same_answers(capsys):
     """--backend triton (interpreter on CPU) routes the Perceiver and the LoRA through the kernels
     and answers as the default backends do."""
     pytest.importorskip("triton")
-    argv = ("demo", "--frames", "1", "--max-new-tokens", "3", "--questions", "What?")
+    argv = ("demo", "--random", "--frames", "1", "--max-new-tokens", "3", "--questions", "What?")
     code, default, _ = run(capsys, *argv)
     assert code == 0
     code, triton, err = run(capsys, *argv, "--backend", "triton")
     assert code == 0, err
     assert "perceiver_attention=triton" in triton and "lora_sgmv=triton" in triton
-    answer = re.compile(r"\n  A: (.*)\n")
+    answer = re.compile(r"\n    What\? +('.*')\n")
     assert answer.search(triton)[1] == answer.search(default)[1]
 
 
 def test_backend_option_is_a_scope_and_leaves_the_environment_alone(capsys, monkeypatch):
     monkeypatch.delenv("V2L_BACKEND", raising=False)
-    code, out, err = run(capsys, "demo", "--frames", "1", "--max-new-tokens", "2", "--questions", "What?",
+    code, out, err = run(capsys, "demo", "--random", "--frames", "1", "--max-new-tokens", "2", "--questions", "What?",
                          "--backend", "torch")
     assert code == 0, err
     assert re.search(r"\n  backend +torch: perceiver_attention=torch, swiglu_mlp=torch, compose_adapters=torch, "
@@ -223,7 +226,7 @@ def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, c
     assert_bad_input(run(capsys, "ask", garbage, "Hi?", "--vlm", vlm), "cannot read adapters")
 
     assert_bad_input(run(capsys, "demo", "--backend", "nope"), "--backend", "invalid choice")
-    assert_bad_input(run(capsys, "demo", "--frames", "0"), "--frames", "positive integer")
+    assert_bad_input(run(capsys, "demo", "--random", "--frames", "0"), "--frames", "positive integer")
     assert_bad_input(run(capsys, "demo", "--device", "toaster"), "--device", "toaster")
     assert_bad_input(run(capsys), "COMMAND")
     if not torch.cuda.is_available():

@@ -15,11 +15,8 @@ from v2l_fast.train.toy_vlm import TOY_INFO
 
 
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("replicate")
-    lines: list[str] = []
-    report = replicate(out, QUICK, progress=False, log=lines.append)
-    return out, report, lines
+def run(quick_replication):
+    return quick_replication
 
 
 def test_every_stage_runs_once_and_the_report_covers_the_heldout_questions(run):
