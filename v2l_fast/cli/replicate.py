@@ -25,14 +25,14 @@ HELP = {
     "vlm_lr": "toy VLM peak learning rate",
     "tokens_per_frame": "<image> tokens per frame of the toy VLM (4, 16 or 64)",
     "teacher_batch": "rows per teacher generate call",
-    "teacher_max_new_tokens": "teacher answer length limit (captions need ~30)",
+    "teacher_max_new_tokens": "teacher answer length limit",
     "rank": "LoRA rank of the hypernetwork's adapters",
     "latent_size": "Perceiver latent width",
     "num_latent_queries": "Perceiver latent queries",
     "num_blocks": "Perceiver blocks",
     "hypernet_steps": "optimizer steps of the hypernetwork",
     "hypernet_lr": "hypernetwork peak learning rate",
-    "videos_per_step": "videos per hypernetwork step (each with its questions and caption)",
+    "videos_per_step": "videos per hypernetwork step (each with its questions)",
     "eval_batch": "videos per internalize forward and questions per generate call in the evaluation",
 }
 

@@ -5,11 +5,11 @@ a run stopped at any point and started again goes on where it was):
 
 1. ``world/`` — `generate_world`: clips of moving shapes with captions and questions
    (train / val / held-out);
-2. ``vlm/`` — `train_toy_vlm`: a tiny SmolVLM2 trained from scratch with the video in its
-   context (questions, captions, and each question without the video: the blind prior);
+2. ``vlm/`` — `train_toy_vlm`: a tiny SmolVLM2 trained from scratch on the training questions
+   with the video in its context;
 3. ``teacher/train.jsonl`` — `make_teacher_targets`: the frozen toy VLM answers every training
-   row (questions and captions) with the video in context, greedily; those answers are the
-   hypernetwork's targets (docs/method.md §7: the student imitates the teacher);
+   question with the video in context, greedily; those answers are the hypernetwork's targets
+   (docs/method.md §7: the student imitates the teacher);
 4. ``hypernet/`` — `train`: Frames2LoRA learns from the teacher targets, only it learns;
    ``hypernet/best`` (lowest validation CE) is the result;
 5. ``report.json`` — `evaluate` on the held-out clips: (a) video in context, (b) adapter only
@@ -50,13 +50,13 @@ class ReplicateSettings:
     heldout_seed: int | None = None
     # toy VLM (v2l_fast.train.toy_vlm.train_toy_vlm)
     vlm_size: str = "S"
-    vlm_steps: int = 3000
-    vlm_batch_videos: int = 4
+    vlm_steps: int = 4000
+    vlm_batch_videos: int = 8
     vlm_lr: float = 1e-3
     tokens_per_frame: int = 16
     # teacher targets (v2l_fast.train.teacher.make_teacher_targets)
     teacher_batch: int = 32
-    teacher_max_new_tokens: int = 32  # a caption is at most ~30 words of the world's tokenizer
+    teacher_max_new_tokens: int = 8  # the answers are one word and the end of the turn
     # hypernetwork (v2l_fast.train.trainer.train)
     rank: int = 8
     latent_size: int = 128
@@ -153,11 +153,15 @@ def _vlm(paths, s: ReplicateSettings, progress: bool) -> None:
 
 
 def _teacher(paths, s: ReplicateSettings, progress: bool) -> None:
+    from v2l_fast.data.manifest import read_manifest, write_manifest
     from v2l_fast.train.teacher import make_teacher_targets
     from v2l_fast.vlm.load import load_smolvlm
 
+    questions = os.path.join(paths["world"], "train_questions.jsonl")  # beside the videos it names
+    write_manifest([row for row in read_manifest(os.path.join(paths["world"], "train.jsonl")).rows
+                    if row.task_type == "qa"], questions)
     os.makedirs(os.path.dirname(paths["teacher"]), exist_ok=True)
-    make_teacher_targets(os.path.join(paths["world"], "train.jsonl"), paths["teacher"],
+    make_teacher_targets(questions, paths["teacher"],
                          vlm=load_smolvlm(paths["vlm"], dtype=torch.float32), batch_size=s.teacher_batch,
                          max_new_tokens=s.teacher_max_new_tokens, teacher_name="toy VLM", progress=progress)
 
@@ -172,7 +176,7 @@ def _hypernet(paths, s: ReplicateSettings, progress: bool) -> None:
                          feature_cache=os.path.join(out, "features"), rank=s.rank, latent_size=s.latent_size,
                          num_latent_queries=s.num_latent_queries, num_blocks=s.num_blocks, lr=s.hypernet_lr,
                          warmup_ratio=0.05, max_steps=s.hypernet_steps, videos_per_device=s.videos_per_step,
-                         questions_per_video=5, grad_accum=1, seed=s.seed, max_frames=12,
+                         questions_per_video=4, grad_accum=1, seed=s.seed, max_frames=12,
                          eval_every=max(1, s.hypernet_steps // 5), eval_videos=50,
                          save_every=max(1, s.hypernet_steps // 5), keep_last=1, num_workers=0, progress=progress)
     result = train(config)

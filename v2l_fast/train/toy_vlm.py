@@ -19,13 +19,12 @@ connector, decoder — on the world's train manifest:
 * AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), cosine schedule with linear warm-up,
   gradient clipping at 1.0, fp32; data order: epoch e is the permutation of the train videos
   drawn from ``(seed, e)``, each step takes the next ``batch_videos`` videos with all their
-  question rows (and its caption row, ``captions=True``: the caption names every object's
-  size, colour, shape and direction, a dense signal that makes the frames worth reading early);
-* with ``blind=True`` each question row is also trained without the video, in the student's
-  text-only template (`student_batch`): the model learns to answer a question it cannot see with
-  the answer prior — the honest baseline (c) of the evaluation — and text-only prompts, where
-  the hypernetwork's adapters act, are in its distribution. The step's loss is the mean over all
-  rows, with and without the video;
+  question rows; two kinds of extra rows are options, both off by default because they slowed
+  the moment the model starts reading the frames in measured runs (bench/NOTES.md): the video's
+  caption row (``captions=True``: every object's size, colour, shape and direction), and each
+  question once more without the video in the student's text-only template (``blind=True``:
+  the model learns the answer prior for questions it cannot see). The step's loss is the mean
+  over all its rows;
   A run is a pure function of its arguments on one machine.
 
 The videos are decoded once (`VideoQADataset`) and kept in memory as uint8 frames (a world of
@@ -305,7 +304,7 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, de
 def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: str = "S", steps: int = 1000,
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
-                  tokenizer: str = "word", tokens_per_frame: int = 16, captions: bool = True, blind: bool = True,
+                  tokenizer: str = "word", tokens_per_frame: int = 16, captions: bool = False, blind: bool = False,
                   progress: bool = True) -> str:
     """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
 
