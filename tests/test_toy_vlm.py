@@ -42,8 +42,14 @@ def trained(world, tmp_path_factory):
 
 def step_batch(vlm, questions):
     rows = [(v, row) for v, (_, group) in enumerate(questions) for row in group]
-    return in_context_batch(vlm, [video for video, _ in questions], [r.prompt for _, r in rows],
-                            [r.target_text for _, r in rows], [v for v, _ in rows])
+    return in_context_batch(vlm, [video for video, _ in questions], [[(r.prompt, r.target_text)] for _, r in rows],
+                            [v for v, _ in rows])
+
+
+def packed_batch(vlm, questions):
+    return in_context_batch(vlm, [video for video, _ in questions],
+                            [[(r.prompt, r.target_text) for r in group] for _, group in questions],
+                            list(range(len(questions))))
 
 
 def test_rows_are_the_teacher_prompt_then_the_answer_turn(world):
@@ -61,9 +67,26 @@ def test_rows_are_the_teacher_prompt_then_the_answer_turn(world):
     assert batch.row_video.tolist() == [0] * len(questions[0][1]) + [1] * len(questions[1][1])
 
 
+def test_a_packed_row_holds_every_question_of_its_video_and_labels_only_the_answers(world):
+    vlm = build_toy_vlm("S", seed=0)
+    questions = load_questions(world / "train.jsonl", vlm, limit=2)
+    packed, single = packed_batch(vlm, questions), step_batch(vlm, questions)
+    assert packed.row_video.tolist() == [0, 1] and len(packed.input_ids) == 2
+    for b, (video, group) in enumerate(questions):
+        labelled = packed.labels[b][packed.labels[b] != IGNORE].tolist()
+        assert vlm.tokenizer.decode(labelled) == "".join(f" {r.target_text}<end_of_utterance>\n" for r in group)
+        assert (packed.input_ids[b] == 150).sum() == 8 * 16  # the video once, for all its questions
+        first = single.input_ids[len(questions[0][1]) * b]  # the one-question row of its first question
+        n = int(single.attention_mask[len(questions[0][1]) * b].sum())
+        assert packed.input_ids[b, :n].tolist() == first[:n].tolist()  # the first turn is the teacher's row
+        for r in group[1:]:
+            assert vlm.tokenizer.decode(packed.input_ids[b]).count(r.prompt) == 1
+    assert packed.attention_mask.sum() < 0.5 * single.attention_mask.sum()
+
+
 def test_loss_shares_each_videos_tokens_and_equals_the_full_forward(world):
     vlm = build_toy_vlm("S", seed=1)
-    batch = step_batch(vlm, load_questions(world / "train.jsonl", vlm, limit=2))
+    batch = packed_batch(vlm, load_questions(world / "train.jsonl", vlm, limit=2))
     ours = in_context_loss(vlm.model, batch)
     logits = vlm.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                        pixel_values=batch.pixel_values[batch.row_video],

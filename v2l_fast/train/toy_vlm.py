@@ -10,9 +10,12 @@ fixed phrase of the video prompt: an 8-frame question row is ~94 tokens instead 
 answer and question of the world). `train_toy_vlm` trains ALL its weights — vision tower,
 connector, decoder — on the world's train manifest:
 
-* each row is the teacher's prompt (`teacher_prompt`: one user turn ``[video, question]`` in the
-  video chat template, generation prompt on) followed by the answer and the end of the turn, as
-  the chat template renders the assistant turn; labels cover the tokens after the prompt;
+* each row is one video's conversation (`in_context_batch`): the teacher's prompt
+  (`teacher_prompt`: one user turn ``[video, question]`` in the video chat template) and the
+  answer as the chat template renders the assistant turn, then the video's other questions and
+  answers as further turns, in an order drawn per step (``packed=True``, the default: the video's
+  tokens, ~85 % of a row, are processed once per video instead of once per question, ~3× fewer
+  tokens per step); labels cover the answers only;
 * the loss is spec §7's CE (`label_ce`: fp32, mean per row over its answer tokens, then over
   rows); the vision tower runs once per video of the step, its tokens shared by that video's
   questions;
@@ -55,8 +58,8 @@ from v2l_fast.api import _pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
-from v2l_fast.train.objective import answer_loss, label_ce, right_pad_labelled, student_batch
-from v2l_fast.train.teacher import teacher_prompt, video_answers
+from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
+from v2l_fast.train.teacher import video_answers
 from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor, pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
@@ -137,49 +140,70 @@ def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word", to
 
 @dataclass
 class InContextBatch:
-    """Rows ``[video, question] + answer`` of a step: ids, mask, labels, and the videos' pixels.
+    """Rows ``[video, question] answer [question] answer …`` of a step: ids, mask, labels, the videos' pixels.
 
-    ``row_video[i]`` is the index in ``pixel_values`` of the video row i asks about.
+    ``row_video[i]`` is the index in ``pixel_values`` of the video row i is about.
     """
 
     input_ids: torch.Tensor  # [rows, T] int64, right-padded
     attention_mask: torch.Tensor  # [rows, T] int64
-    labels: torch.Tensor  # [rows, T] int64, IGNORE outside the answer
+    labels: torch.Tensor  # [rows, T] int64, IGNORE outside the answers
     pixel_values: torch.Tensor  # [videos, F, 3, S, S] float32
     pixel_attention_mask: torch.Tensor  # [videos, F, S, S] bool
     row_video: torch.Tensor  # [rows] int64
 
 
-def in_context_batch(vlm: VLM, videos: Sequence[Video], prompts: Sequence[str], targets: Sequence[str],
+def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[Sequence[tuple[str, str]]],
                      row_video: Sequence[int]) -> InContextBatch:
-    """Tokenize row i as `teacher_prompt` ``(videos[row_video[i]], prompts[i])`` + ``targets[i]``.
+    """Row i: the conversation ``conversations[i]`` — ``(question, answer)`` turns — about
+    ``videos[row_video[i]]``, rendered by the video chat template.
 
-    The answer is rendered by the video chat template's assistant turn (``" red<end_of_utterance>\\n"``);
-    labels cover every token after the prompt.
+    The first user turn is the teacher's prompt (`teacher_prompt`: the video, then the first
+    question), so a one-turn row is exactly what the teacher and `in_context_accuracy` see; later
+    questions follow as text-only user turns. Each answer is rendered as the assistant turn
+    (``" red<end_of_utterance>\\n"``) and labelled; every other token is IGNORE. Several
+    questions in one row share one pass over the video's tokens (the video is ~85 % of a row).
     """
-    if not (len(prompts) == len(targets) == len(row_video)) or not prompts:
-        fail("targets", f"one target and one video index per prompt, at least one ({len(prompts)} prompts)",
-             f"{len(targets)} targets, {len(row_video)} video indices")
+    if len(conversations) != len(row_video) or not conversations:
+        fail("row_video", f"one video index per conversation, at least one ({len(conversations)} conversations)",
+             f"{len(row_video)} video indices")
     if not videos or min(row_video) < 0 or max(row_video) >= len(videos):
         fail("row_video", f"indices into the {len(videos)} videos", list(row_video))
     tokenizer, pre = vlm.tokenizer, vlm.preprocessor
-    rows, starts = [], []
-    for i, (prompt, target, v) in enumerate(zip(prompts, targets, row_video)):
-        if not target.strip():
-            fail(f"targets[{i}]", "a non-empty answer", repr(target))
-        turns = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]},
-                 {"role": "assistant", "content": [{"type": "text", "text": target}]}]
-        full_text = tokenizer.apply_chat_template(turns, chat_template=VIDEO_CHAT_TEMPLATE, tokenize=False)
-        full_text = full_text.replace(VIDEO_PLACEHOLDER, pre.video_text(videos[v]), 1)
-        prompt_ids = tokenizer(teacher_prompt(videos[v], prompt, vlm), add_special_tokens=False)["input_ids"]
-        full = tokenizer(full_text, add_special_tokens=False)["input_ids"]
-        if full[:len(prompt_ids)] != prompt_ids:
-            fail(f"targets[{i}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
+    rows, spans = [], []
+    for i, (conversation, v) in enumerate(zip(conversations, row_video)):
+        if not conversation:
+            fail(f"conversations[{i}]", "at least one (question, answer) turn", "none")
+        video_text = pre.video_text(videos[v])
+        turns, row_spans, full = [], [], []
+        for k, (prompt, target) in enumerate(conversation):
+            if not target.strip():
+                fail(f"conversations[{i}][{k}]", "a non-empty answer", repr(target))
+            text = [{"type": "text", "text": prompt}]
+            turns.append({"role": "user", "content": [{"type": "video"}, *text] if k == 0 else text})
+            prompt_ids = _template_ids(tokenizer, turns, video_text, generation_prompt=True)
+            turns.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
+            full = _template_ids(tokenizer, turns, video_text, generation_prompt=False)
+            if full[:len(prompt_ids)] != prompt_ids:
+                fail(f"conversations[{i}][{k}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
+            row_spans.append((len(prompt_ids), len(full)))
         rows.append(full)
-        starts.append(len(prompt_ids))
+        spans.append(row_spans)
+    input_ids, attention_mask, labels = right_pad_labelled(rows, [row_spans[0][0] for row_spans in spans],
+                                                           _pad_id(tokenizer))
+    for b, row_spans in enumerate(spans):  # unlabel the user turns between answers
+        for (_, end), (start, _) in zip(row_spans, row_spans[1:]):
+            labels[b, end:start] = IGNORE
     pixel_values, pixel_mask = pad_frames([pre.pixel_values(video) for video in videos], pre.max_image_size)
-    return InContextBatch(*right_pad_labelled(rows, starts, _pad_id(tokenizer)), pixel_values, pixel_mask,
+    return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask,
                           torch.as_tensor(list(row_video), dtype=torch.long))
+
+
+def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
+    """Token ids of ``turns`` in the video chat template, the video placeholder replaced by ``video_text``."""
+    text = tokenizer.apply_chat_template(turns, chat_template=VIDEO_CHAT_TEMPLATE, tokenize=False,
+                                         add_generation_prompt=generation_prompt)
+    return tokenizer(text.replace(VIDEO_PLACEHOLDER, video_text, 1), add_special_tokens=False)["input_ids"]
 
 
 def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tensor:
@@ -305,7 +329,7 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
                   tokenizer: str = "word", tokens_per_frame: int = 16, captions: bool = False, blind: bool = False,
-                  progress: bool = True) -> str:
+                  packed: bool = True, progress: bool = True) -> str:
     """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
 
     Args:
@@ -325,6 +349,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         tokens_per_frame: ``<image>`` tokens per frame (`TOKENS_PER_FRAME`).
         captions: train on each video's caption row as well as its questions.
         blind: train each question without the video as well (text-only template).
+        packed: one row per video holding all its questions as turns (`in_context_batch`), in
+            an order drawn per step; False: one row per question (each re-reads the video).
         progress: tqdm bar with the loss.
 
     Returns:
@@ -356,15 +382,22 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
             picked = [train[i] for i in order[position:position + batch_videos]]
             position += batch_videos
             rows = [(v, row) for v, (_, group) in enumerate(picked) for row in group]
-            batch = in_context_batch(vlm, [video for video, _ in picked], [r.prompt for _, r in rows],
-                                     [r.target_text for _, r in rows], [v for v, _ in rows])
+            if packed:  # one row per video, its questions in an order drawn per step
+                shuffle = np.random.default_rng([seed, step])
+                conversations = [[(group[k].prompt, group[k].target_text) for k in shuffle.permutation(len(group))]
+                                 for _, group in picked]
+                row_video = list(range(len(picked)))
+            else:
+                conversations = [[(r.prompt, r.target_text)] for _, r in rows]
+                row_video = [v for v, _ in rows]
+            batch = in_context_batch(vlm, [video for video, _ in picked], conversations, row_video)
             loss = in_context_loss(vlm.model, batch)
             questions = [r for _, r in rows if r.task_type == "qa"]
             if blind and questions:
                 text_only = student_batch(vlm.tokenizer, [r.prompt for r in questions],
                                           [r.target_text for r in questions], [0] * len(questions))
-                loss = (loss * len(rows) + answer_loss(vlm.model, text_only.to(device)) * len(questions)) / (
-                    len(rows) + len(questions))
+                loss = (loss * len(row_video) + answer_loss(vlm.model, text_only.to(device)) * len(questions)) / (
+                    len(row_video) + len(questions))
             loss.backward()
             torch.nn.utils.clip_grad_norm_(vlm.model.parameters(), 1.0)
             optimizer.step()
@@ -384,7 +417,7 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     vlm.model.eval()
     save_toy_vlm(vlm, out_dir)
     info = {"size": size, "tokenizer": tokenizer, "tokens_per_frame": tokens_per_frame, "captions": captions,
-            "blind": blind, "steps": steps, "batch_videos": batch_videos, "lr": lr,
+            "blind": blind, "packed": packed, "steps": steps, "batch_videos": batch_videos, "lr": lr,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "seed": seed,
             "world_dir": os.path.abspath(world_dir),
             "train_videos": len(train), "final_loss": loss_value, "train_seconds": round(seconds, 1),
