@@ -72,7 +72,7 @@ def test_a_packed_row_holds_every_question_of_its_video_and_labels_only_the_answ
     questions = load_questions(world / "train.jsonl", vlm, limit=2)
     packed, single = packed_batch(vlm, questions), step_batch(vlm, questions)
     assert packed.row_video.tolist() == [0, 1] and len(packed.input_ids) == 2
-    for b, (video, group) in enumerate(questions):
+    for b, (_, group) in enumerate(questions):
         labelled = packed.labels[b][packed.labels[b] != IGNORE].tolist()
         assert vlm.tokenizer.decode(labelled) == "".join(f" {r.target_text}<end_of_utterance>\n" for r in group)
         assert (packed.input_ids[b] == 150).sum() == 8 * 16  # the video once, for all its questions

@@ -7,9 +7,9 @@ a run stopped at any point and started again goes on where it was):
    (train / val / held-out);
 2. ``vlm/`` — `train_toy_vlm`: a tiny SmolVLM2 trained from scratch on the training questions
    with the video in its context;
-3. ``teacher/train.jsonl`` — `make_teacher_targets`: the frozen toy VLM answers every training
-   question with the video in context, greedily; those answers are the hypernetwork's targets
-   (docs/method.md §7: the student imitates the teacher);
+3. ``teacher/train.jsonl`` — `make_teacher_targets`: the frozen toy VLM answers the questions of
+   the first ``teacher_clips`` training clips with the video in context, greedily; those answers
+   are the hypernetwork's targets (docs/method.md §7: the student imitates the teacher);
 4. ``hypernet/`` — `train`: Frames2LoRA learns from the teacher targets, only it learns;
    ``hypernet/best`` (lowest validation CE) is the result;
 5. ``report.json`` — `evaluate` on the held-out clips: (a) video in context, (b) adapter only
@@ -55,6 +55,7 @@ class ReplicateSettings:
     vlm_lr: float = 1e-3
     tokens_per_frame: int = 16
     # teacher targets (v2l_fast.train.teacher.make_teacher_targets)
+    teacher_clips: int = 3000  # the hypernetwork's training clips (it sees each ~4 times)
     teacher_batch: int = 32
     teacher_max_new_tokens: int = 8  # the answers are one word and the end of the turn
     # hypernetwork (v2l_fast.train.trainer.train)
@@ -75,8 +76,8 @@ class ReplicateSettings:
 
 # A run of every stage in a few seconds: what the tests and `--quick` use (not a replication).
 QUICK = ReplicateSettings(train_clips=12, val_clips=3, heldout_clips=3, vlm_steps=3, vlm_batch_videos=2,
-                          teacher_batch=8, teacher_max_new_tokens=8, rank=2, latent_size=32, num_latent_queries=2,
-                          num_blocks=1, hypernet_steps=2, videos_per_step=2, eval_batch=4)
+                          teacher_clips=10, teacher_batch=8, teacher_max_new_tokens=8, rank=2, latent_size=32,
+                          num_latent_queries=2, num_blocks=1, hypernet_steps=2, videos_per_step=2, eval_batch=4)
 
 
 def _paths(out_dir: str) -> dict[str, str]:
@@ -157,9 +158,11 @@ def _teacher(paths, s: ReplicateSettings, progress: bool) -> None:
     from v2l_fast.train.teacher import make_teacher_targets
     from v2l_fast.vlm.load import load_smolvlm
 
-    questions = os.path.join(paths["world"], "train_questions.jsonl")  # beside the videos it names
-    write_manifest([row for row in read_manifest(os.path.join(paths["world"], "train.jsonl")).rows
-                    if row.task_type == "qa"], questions)
+    questions = os.path.join(paths["world"], "teacher_questions.jsonl")  # beside the videos it names
+    rows = [row for row in read_manifest(os.path.join(paths["world"], "train.jsonl")).rows if row.task_type == "qa"]
+    clips = list(dict.fromkeys(row.video_path for row in rows))[:s.teacher_clips]
+    kept = set(clips)
+    write_manifest([row for row in rows if row.video_path in kept], questions)
     os.makedirs(os.path.dirname(paths["teacher"]), exist_ok=True)
     make_teacher_targets(questions, paths["teacher"],
                          vlm=load_smolvlm(paths["vlm"], dtype=torch.float32), batch_size=s.teacher_batch,
