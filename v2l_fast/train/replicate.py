@@ -153,16 +153,23 @@ def _vlm(paths, s: ReplicateSettings, progress: bool) -> None:
                   lr=s.vlm_lr, seed=s.seed, tokens_per_frame=s.tokens_per_frame, progress=progress)
 
 
-def _teacher(paths, s: ReplicateSettings, progress: bool) -> None:
+def _questions_manifest(world: str, split: str, name: str, *, clips: int | None = None) -> str:
+    """``world/name``: the question rows of ``world/split.jsonl`` (of its first ``clips`` clips),
+    without the captions (the toy VLM is trained on questions only); beside the videos it names."""
     from v2l_fast.data.manifest import read_manifest, write_manifest
+
+    rows = [row for row in read_manifest(os.path.join(world, f"{split}.jsonl")).rows if row.task_type == "qa"]
+    kept = set(list(dict.fromkeys(row.video_path for row in rows))[:clips])
+    path = os.path.join(world, name)
+    write_manifest([row for row in rows if row.video_path in kept], path)
+    return path
+
+
+def _teacher(paths, s: ReplicateSettings, progress: bool) -> None:
     from v2l_fast.train.teacher import make_teacher_targets
     from v2l_fast.vlm.load import load_smolvlm
 
-    questions = os.path.join(paths["world"], "teacher_questions.jsonl")  # beside the videos it names
-    rows = [row for row in read_manifest(os.path.join(paths["world"], "train.jsonl")).rows if row.task_type == "qa"]
-    clips = list(dict.fromkeys(row.video_path for row in rows))[:s.teacher_clips]
-    kept = set(clips)
-    write_manifest([row for row in rows if row.video_path in kept], questions)
+    questions = _questions_manifest(paths["world"], "train", "teacher_questions.jsonl", clips=s.teacher_clips)
     os.makedirs(os.path.dirname(paths["teacher"]), exist_ok=True)
     make_teacher_targets(questions, paths["teacher"],
                          vlm=load_smolvlm(paths["vlm"], dtype=torch.float32), batch_size=s.teacher_batch,
@@ -174,8 +181,8 @@ def _hypernet(paths, s: ReplicateSettings, progress: bool) -> None:
     from v2l_fast.train.trainer import train
 
     out = paths["hypernet"]
-    config = TrainConfig(vlm=paths["vlm"], train_manifest=paths["teacher"],
-                         val_manifest=os.path.join(paths["world"], "val.jsonl"), out_dir=out,
+    val = _questions_manifest(paths["world"], "val", "val_questions.jsonl")
+    config = TrainConfig(vlm=paths["vlm"], train_manifest=paths["teacher"], val_manifest=val, out_dir=out,
                          feature_cache=os.path.join(out, "features"), rank=s.rank, latent_size=s.latent_size,
                          num_latent_queries=s.num_latent_queries, num_blocks=s.num_blocks, lr=s.hypernet_lr,
                          warmup_ratio=0.05, max_steps=s.hypernet_steps, videos_per_device=s.videos_per_step,
