@@ -50,6 +50,8 @@ packages = find_packages(include=["v2l_fast", "v2l_fast.*"]) + ["v2l_fast.kernel
 setup(
     packages=packages,
     package_dir={"v2l_fast.kernels": "kernels"},
+    # the embedded default (v2l_fast.data.embedded): trained toy VLM, hypernetwork, sample clips
+    package_data={"v2l_fast": ["assets/toy/*", "assets/toy/*/*"]},
     ext_modules=ext_modules,
     cmdclass={"build_ext": CMakeBuild},
 )

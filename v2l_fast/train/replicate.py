@@ -43,19 +43,19 @@ class ReplicateSettings:
     """Every setting of a replication run (defaults: the measured 45-minute CPU recipe)."""
 
     # world (v2l_fast.data.synthetic.generate_world)
-    train_clips: int = 3000
+    train_clips: int = 10000
     val_clips: int = 150
     heldout_clips: int = 150  # 4 questions per clip: 600 held-out questions (the goal needs >= 500)
     seed: int = 0
     heldout_seed: int | None = None
     # toy VLM (v2l_fast.train.toy_vlm.train_toy_vlm)
     vlm_size: str = "S"
-    vlm_steps: int = 4000
+    vlm_steps: int = 14000
     vlm_batch_videos: int = 8
     vlm_lr: float = 1e-3
     tokens_per_frame: int = 16
     # teacher targets (v2l_fast.train.teacher.make_teacher_targets)
-    teacher_clips: int = 3000  # the hypernetwork's training clips (it sees each ~4 times)
+    teacher_clips: int = 6000  # the hypernetwork's training clips (it sees each ~4 times)
     teacher_batch: int = 32
     teacher_max_new_tokens: int = 8  # the answers are one word and the end of the turn
     # hypernetwork (v2l_fast.train.trainer.train)
@@ -63,7 +63,7 @@ class ReplicateSettings:
     latent_size: int = 128
     num_latent_queries: int = 8
     num_blocks: int = 2
-    hypernet_steps: int = 1500
+    hypernet_steps: int = 3000
     hypernet_lr: float = 1e-3
     videos_per_step: int = 8
     # evaluation (v2l_fast.train.evaluate.evaluate)
