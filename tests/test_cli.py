@@ -193,6 +193,19 @@ def test_ask_answers_as_the_api_with_the_chosen_adapters(saved, adapters_file, c
     assert f"[adapter 0] Q: {QUESTIONS[0]}\nA: {expected[0]}\n" in out
 
 
+def test_demo_runs_given_weights_on_your_clip_and_answers_as_the_api(saved, capsys):
+    """--vlm/--hypernet (here tiny random ones saved to disk; real SmolVLM2 weights go the same way)."""
+    import v2l_fast
+
+    session = v2l_fast.load(saved["vlm"], saved["hypernet"], dtype=torch.float32, device="cpu")
+    adapter_answer = session.ask(session.internalize([saved["videos"][1]]), QUESTIONS[:1], max_new_tokens=5)[0]
+    code, out, err = run(capsys, "demo", "--vlm", saved["vlm"], "--hypernet", saved["hypernet"], "--video",
+                         saved["videos"][1], "--questions", QUESTIONS[0], "--dtype", "fp32", "--max-new-tokens", "5")
+    assert code == 0, err
+    assert f"demo: {saved['vlm']} + {saved['hypernet']} (fp32)" in out and "RANDOM" not in out
+    assert re.search(rf"\n    {re.escape(QUESTIONS[0])} +{re.escape(repr(adapter_answer))} ", out)
+
+
 def test_bad_input_is_one_line_and_exit_code_2(saved, adapters_file, tmp_path, capsys):
     vlm, hypernet = saved["vlm"], saved["hypernet"]
     internalize = ("internalize", "--vlm", vlm, "--hypernet", hypernet, "--max-frames", "3", "--dtype", "fp32",
