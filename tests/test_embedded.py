@@ -76,3 +76,45 @@ def test_demo_asks_your_questions_about_your_clip(quick_default, monkeypatch, ca
 def test_demo_refuses_mixed_model_flags(argv, message, capsys):
     assert main(["demo", *argv]) == 2
     assert message in capsys.readouterr().err
+
+
+FRESH_HELDOUT_SEED = 20261202  # no replication run draws from it: clips the shipped models never saw
+FRESH_HELDOUT_CLIPS = 100  # ~400 questions
+
+
+@pytest.fixture(scope="module")
+def fresh_report(tmp_path_factory):
+    """The shipped models evaluated on freshly generated held-out clips, in the three modes."""
+    import torch
+
+    import v2l_fast
+    from v2l_fast.data.synthetic import generate_world
+    from v2l_fast.train.evaluate import evaluate
+
+    root = tmp_path_factory.mktemp("fresh")
+    default = embedded_default()
+    generate_world(root, num_train=1, num_val=0, num_heldout=FRESH_HELDOUT_CLIPS, seed=0,
+                   heldout_seed=FRESH_HELDOUT_SEED, progress=False)
+    session = v2l_fast.load(default.vlm, default.hypernet, dtype=torch.float32, device="cpu")
+    report = evaluate(root / "heldout.jsonl", vlm=session.vlm, hypernet=session.hypernet, batch_size=16,
+                      progress=False)
+    assert report.n >= 3 * FRESH_HELDOUT_CLIPS
+    return report
+
+
+def test_the_shipped_adapters_answer_within_5_points_of_the_video_in_context(fresh_report):
+    """Goal, first half: (b) adapter only, zero visual tokens, within 5 points of (a) the video in
+    context; and the adapter carries the video: at least 10 points above (c) neither (a regression
+    guard; 16.5 measured at shipping on these clips: (a) 53.8 %, (b) 51.7 %, (c) 35.2 %)."""
+    video, adapter, none = (fresh_report.accuracy(mode) for mode in ("video", "adapter", "none"))
+    assert adapter >= video - 0.05, fresh_report.table()
+    assert adapter >= none + 0.10, fresh_report.table()
+
+
+@pytest.mark.xfail(strict=True, reason="goal not met by the shipped toy model: its VLM reads the colours and "
+                   "the count of the shapes but not their size, shape or motion, so (a) and (b) stay 17-23 points "
+                   "above (c), not 30 (bench/NOTES.md, toy replication)")
+def test_the_shipped_adapters_answer_30_points_above_no_video(fresh_report):
+    """Goal, second half: (a) and (b) at least 30 points above (c) neither."""
+    video, adapter, none = (fresh_report.accuracy(mode) for mode in ("video", "adapter", "none"))
+    assert video >= none + 0.30 and adapter >= none + 0.30, fresh_report.table()
