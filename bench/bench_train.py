@@ -19,6 +19,12 @@ Providers, interleaved round by round (`harness.interleaved`):
 - ``per_row_einsum``: the same per-row LoRA and full-logits CE, written here from the spec, on
   v2l_fast's hypernetwork: what remains of the authors' way when their code is not at hand.
 
+``test_training_step_from_video`` times the step as each code trains, from the videos: the
+authors' training re-runs the frozen VLM (vision tower and decoder) on the step's videos every
+step; v2l_fast reads the same features from its on-disk `FeatureCache` (written once, as
+``v2l-fast train --feature-cache`` does on the first epoch). FRAMES frames per video (1 on the
+CPU, 12 on a GPU) at the 256M's 512 px.
+
 Before timing, every provider's loss and hypernetwork gradients are compared with v2l_fast's
 (rows carry the relative errors). Memory: peak CUDA memory on a GPU; on the CPU the bytes of
 tensors saved for backward (what grows a training step's peak), counted per storage.
@@ -29,6 +35,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import tempfile
 
 import pytest
 import torch
@@ -36,8 +43,11 @@ import torch.nn.functional as F
 
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
 from v2l_fast.testing import rel_error
+from v2l_fast.train.features_cache import FeatureCache, pad_videos
 from v2l_fast.train.objective import IGNORE, StudentBatch, adapter_loss
-from v2l_fast.vlm.factory import random_smolvlm
+from v2l_fast.vlm.factory import image_seq_len, random_smolvlm
+from v2l_fast.vlm.features import extract_features
+from v2l_fast.vlm.frames import VideoBatch
 from v2l_fast.vlm.lora_patch import down_proj_targets
 
 import harness
@@ -106,15 +116,18 @@ def per_row_lora_forward(module, A, B, alpha, questions):
     return forward
 
 
-def loss_fn(provider: str):
-    """``() -> loss`` of one provider's step (None when it cannot run here)."""
-    model, hypernet, features, mask, batch = workload()
+def loss_fn(provider: str, from_video: bool = False):
+    """``() -> loss`` of one provider's step (None when it cannot run here); the step starts from
+    `features_source` ``(provider, from_video)``."""
+    model, hypernet, _, _, batch = workload()
+    source = features_source(provider, from_video)
     targets = down_proj_targets(model)
     n_qs = torch.full((VIDEOS,), QUESTIONS, device=DEVICE)
     if provider == "v2l_fast":
-        return lambda: adapter_loss(hypernet, model, features, mask, batch)
+        return lambda: adapter_loss(hypernet, model, *source(), batch)
     if provider == "per_row_einsum":
         def step():
+            features, mask = source()
             out = hypernet.generate(features, mask)
             forwards = [per_row_lora_forward(m, out.A[:, layer], out.B[:, layer], out.alpha, QUESTIONS)
                         for layer, m in enumerate(targets)]
@@ -128,6 +141,7 @@ def loss_fn(provider: str):
     code = peers.authors_code()
 
     def step():
+        features, _ = source()
         A, B = peers.authors_adapters(theirs, features)
         forwards = [functools.partial(code.lora_forward, self=m, lora_dropout_p=0.0, scaling=hypernet.config.lora_alpha,
                                       n_qs=n_qs, tot_q=VIDEOS * QUESTIONS, A=A[:, layer], B=B[:, layer])
@@ -136,6 +150,58 @@ def loss_fn(provider: str):
             return full_logits_loss(model, batch)
 
     return step
+
+
+FRAMES = 12 if ON_GPU else 1  # frames per video of the from-video step (CONTEXT holds them)
+
+
+@functools.cache
+def video_batch() -> VideoBatch:
+    """The videos behind the step: FRAMES random frames each at the 256M's 512 px, in a context of
+    CONTEXT tokens (the frames' ``<image>`` tokens in the middle of random text ids)."""
+    model = workload()[0]
+    per_frame = image_seq_len("256M")
+    side = model.config.vision_config.image_size
+    gen = torch.Generator().manual_seed(3)
+    input_ids = torch.randint(3, 1000, (VIDEOS, CONTEXT), generator=gen)
+    start = (CONTEXT - FRAMES * per_frame) // 2
+    input_ids[:, start:start + FRAMES * per_frame] = model.config.image_token_id
+    pixels = torch.randn(VIDEOS, FRAMES, 3, side, side, generator=gen)
+    return VideoBatch(input_ids, torch.ones_like(input_ids), pixels,
+                      torch.ones(VIDEOS, FRAMES, side, side, dtype=torch.bool))
+
+
+@functools.cache
+def feature_cache() -> tuple[FeatureCache, list[str]]:
+    """A feature cache on disk holding the frozen VLM's features of `video_batch` (written once)."""
+    features, mask = extract_features(workload()[0], video_batch())
+    cache = FeatureCache(tempfile.mkdtemp(prefix="v2l-bench-features-"), "bench")
+    keys = [f"video-{v}" for v in range(VIDEOS)]
+    for key, f, m in zip(keys, features, mask):
+        cache.store(key, f, m)
+    return cache, keys
+
+
+def features_source(provider: str, from_video: bool):
+    """``() -> (features, mask)`` at the start of a step.
+
+    Not ``from_video``: the workload's tensors, shared (what the step costs once features exist).
+    ``from_video``: what each code does every step — the authors' training re-runs the frozen VLM
+    on the step's videos (`extract_features` here, no grad); v2l_fast reads them from its
+    `FeatureCache` (``v2l-fast train --feature-cache``), written once before timing.
+    """
+    if not from_video:
+        _, _, features, mask, _ = workload()
+        return lambda: (features, mask)
+    if provider == "v2l_fast":
+        cache, keys = feature_cache()
+        return lambda: tuple(t.to(DEVICE) for t in pad_videos([cache.load(key) for key in keys]))
+
+    def run_vlm():
+        with torch.no_grad():
+            return extract_features(workload()[0], video_batch())
+
+    return run_vlm
 
 
 @functools.cache
@@ -147,9 +213,9 @@ def trained_module(provider: str) -> torch.nn.Module:
     return authors_hypernet() if provider == "authors" else workload()[1]
 
 
-def train_step(provider: str):
+def train_step(provider: str, from_video: bool = False):
     """``() -> (loss, {name: grad})``: one step's loss and backward into the hypernetwork."""
-    loss_of, module = loss_fn(provider), trained_module(provider)
+    loss_of, module = loss_fn(provider, from_video), trained_module(provider)
 
     def step():
         module.zero_grad(set_to_none=True)
@@ -177,9 +243,9 @@ def saved_for_backward_bytes(fn) -> int:
 PROVIDERS = ("v2l_fast", "authors", "per_row_einsum")
 
 
-def test_training_step(benchmark, bench_record):
-    providers = [p for p in PROVIDERS if loss_fn(p) is not None]
-    steps = {p: train_step(p) for p in providers}
+def check_and_time(benchmark, bench_record, providers, *, from_video: bool, op: str, **row) -> None:
+    """Check every provider's loss and gradients against v2l_fast's, then time them interleaved."""
+    steps = {p: train_step(p, from_video) for p in providers}
     ours_loss, ours_grads = steps["v2l_fast"]()
     errors = {}
     for p in providers:
@@ -188,7 +254,8 @@ def test_training_step(benchmark, bench_record):
         errors[p] = dict(loss_rel_error=rel_error(loss, ours_loss),
                          grad_rel_error=max(rel_error(grads[k], ours_grads[k]) for k in grads))
         assert errors[p]["loss_rel_error"] <= 1e-4 and errors[p]["grad_rel_error"] <= 1e-3, (p, errors[p])
-    memory = {p: harness.peak_memory(steps[p]) if ON_GPU else saved_for_backward_bytes(loss_fn(p)) for p in providers}
+    memory = {p: harness.peak_memory(steps[p]) if ON_GPU else saved_for_backward_bytes(loss_fn(p, from_video))
+              for p in providers}
 
     def derive(provider, times):
         ours = min(times["v2l_fast"])
@@ -196,11 +263,27 @@ def test_training_step(benchmark, bench_record):
                     memory_kind="peak CUDA" if ON_GPU else "saved for backward",
                     speedup_of_v2l_fast=min(times[provider]) / ours)
 
-    harness.interleaved(benchmark, bench_record, steps, rounds=3, derive=derive, op="train_step", model="256M",
+    harness.interleaved(benchmark, bench_record, steps, rounds=3, derive=derive, op=op, model="256M",
                         layers=LAYERS, videos=VIDEOS, questions=QUESTIONS, answer_tokens=ANSWER_TOKENS,
-                        prompt_tokens=PROMPT_TOKENS, context=CONTEXT, rank=RANK)
+                        prompt_tokens=PROMPT_TOKENS, context=CONTEXT, rank=RANK, **row)
+
+
+def test_training_step(benchmark, bench_record):
+    providers = [p for p in PROVIDERS if loss_fn(p) is not None]
+    if providers:
+        check_and_time(benchmark, bench_record, providers, from_video=False, op="train_step")
     for p in PROVIDERS:
         if p not in providers:
             bench_record(None, op="train_step", provider=p, error=peers.NOT_AVAILABLE)
     if not providers:
         pytest.skip("no provider can run")
+
+
+def test_training_step_from_video(benchmark, bench_record):
+    """The step as each code trains: the authors re-run the frozen VLM on the step's videos, v2l_fast
+    reads the features from its cache (equal features, so equal loss and gradients)."""
+    if loss_fn("authors") is None:
+        bench_record(None, op="train_step_from_video", provider="authors", error=peers.NOT_AVAILABLE)
+        pytest.skip(peers.NOT_AVAILABLE)
+    check_and_time(benchmark, bench_record, ["v2l_fast", "authors"], from_video=True, op="train_step_from_video",
+                   frames=FRAMES, features="v2l_fast: FeatureCache on disk; authors: frozen VLM forward per step")

@@ -166,6 +166,20 @@ class ResultLog:
         paths = []
         for module, rows in self.rows.items():
             path = RESULTS_DIR / f"{module}_{slug}.json"
-            path.write_text(json.dumps({**meta, "results": rows}, indent=1) + "\n")
+            for row in rows:
+                row.setdefault("date", meta["date"])
+            path.write_text(json.dumps({**meta, "results": kept_rows(path, rows) + rows}, indent=1) + "\n")
             paths.append(path)
         return paths
+
+
+def kept_rows(path: Path, rows: list[dict]) -> list[dict]:
+    """The rows of an earlier results file ``path`` whose ``op`` this run did not measure again,
+    so that running part of a module (``pytest -k``) does not drop the other ops' results; each
+    kept row carries the ``date`` of the run that measured it."""
+    if not path.is_file():
+        return []
+    earlier = json.loads(path.read_text())
+    measured = {row.get("op") for row in rows}
+    return [dict(row, date=row.get("date", earlier.get("date"))) for row in earlier.get("results", [])
+            if row.get("op") not in measured]
