@@ -1,15 +1,17 @@
-"""The ``v2l-fast`` command line (also ``python -m v2l_fast``): demo, internalize, ask, info.
+"""The ``v2l-fast`` command line (also ``python -m v2l_fast``): demo, internalize, ask, info, and
+the training commands (world, teacher, train, evaluate, replicate).
 
-One module per command (`demo`, `internalize`, `ask`, `info`), each adding its subcommand to
-the parser and running it; `common` holds what they share. ``demo`` runs the whole path on an
-embedded default that needs no download: a tiny random SmolVLM2, a fresh Frames2LoRA and a
-synthetic video. ``internalize`` and ``ask`` run the same path on real checkpoints; ``teacher``
-writes the training targets of a manifest (`v2l_fast.train.teacher`); ``train`` trains the
-hypernetwork on them (`v2l_fast.train.trainer`); ``evaluate`` scores held-out questions with the
-video in context, with the adapter alone and with neither (`v2l_fast.train.evaluate`);
-``replicate`` runs the toy replication end to end (`v2l_fast.train.replicate`). Bad input
-(a missing or corrupt file, adapters made for another model, a backend that cannot run) ends
-with one line on stderr and exit code 2.
+One module per command, each adding its subcommand to the parser and running it; `common` holds
+what they share. ``demo`` runs the main job on the embedded default that needs no download: the
+trained toy SmolVLM2 and its Frames2LoRA shipped in the package (`v2l_fast.data.embedded`) on
+sample clips. ``internalize`` and ``ask`` run the same path on real checkpoints; ``world`` writes
+the synthetic world (`v2l_fast.data.synthetic`); ``teacher`` writes the training targets of a
+manifest (`v2l_fast.train.teacher`); ``train`` trains the hypernetwork on them
+(`v2l_fast.train.trainer`); ``evaluate`` scores held-out questions with the video in context, with
+the adapter alone and with neither (`v2l_fast.train.evaluate`); ``replicate`` runs the toy
+replication end to end (`v2l_fast.train.replicate`). Bad input (a missing or corrupt file,
+adapters made for another model, a backend that cannot run) ends with one line on stderr and
+exit code 2.
 """
 
 from __future__ import annotations
