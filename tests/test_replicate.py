@@ -73,3 +73,21 @@ def test_the_command_prints_the_table_and_the_wall_time(run, capsys):
     assert "wall time: world" in printed and f"{out}/report.json" in printed
     assert main(["replicate", str(out), "--quick", "--vlm-steps", "5"]) == 2
     assert "vlm_steps" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (dict(vlm_steps=0), r"^vlm_steps: expected an int >= 1, got 0$"),
+    (dict(heldout_clips=2.5), r"^heldout_clips: expected an int >= 1, got 2.5$"),
+    (dict(vlm_lr=0.0), r"^vlm_lr: expected a number > 0, got 0.0$"),
+    (dict(seed=-1), r"^seed: expected an int >= 0, got -1$"),
+    (dict(heldout_seed=-2), r"^heldout_seed: expected an int >= 0 or None, got -2$"),
+    (dict(vlm_size="XL"), r"^vlm_size: expected one of \['M', 'S'\], got 'XL'$"),
+    (dict(tokens_per_frame=8), r"^tokens_per_frame: expected one of \[4, 16, 64\], got 8$"),
+])
+def test_a_bad_setting_is_refused_before_any_stage_runs(overrides, message, tmp_path, capsys):
+    with pytest.raises(ValueError, match=message):
+        dataclasses.replace(QUICK, **overrides)
+    flag = "--" + next(iter(overrides)).replace("_", "-")
+    if isinstance(next(iter(overrides.values())), (int, str)) and "heldout_clips" not in overrides:
+        assert main(["replicate", str(tmp_path / "run"), "--quick", flag, str(next(iter(overrides.values())))]) == 2
+        assert not (tmp_path / "run" / "world").exists()

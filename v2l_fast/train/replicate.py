@@ -69,6 +69,25 @@ class ReplicateSettings:
     # evaluation (v2l_fast.train.evaluate.evaluate)
     eval_batch: int = 16
 
+    def __post_init__(self) -> None:
+        """Refuse a bad setting before any stage runs (one line naming it)."""
+        from v2l_fast.train.toy_vlm import TOKENS_PER_FRAME, TOY_SHAPES
+
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if field.name in ("seed", "heldout_seed"):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+                    fail(field.name, "an int >= 0" + (" or None" if field.name == "heldout_seed" else ""), repr(value))
+            elif field.name.endswith("_lr"):
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                    fail(field.name, "a number > 0", repr(value))
+            elif field.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                fail(field.name, "an int >= 1", repr(value))
+        if self.vlm_size not in TOY_SHAPES:
+            fail("vlm_size", f"one of {sorted(TOY_SHAPES)}", repr(self.vlm_size))
+        if self.tokens_per_frame not in TOKENS_PER_FRAME:
+            fail("tokens_per_frame", f"one of {sorted(TOKENS_PER_FRAME)}", repr(self.tokens_per_frame))
+
     def to_dict(self) -> dict:
         """Plain-JSON form."""
         return dataclasses.asdict(self)
