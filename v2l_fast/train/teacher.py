@@ -28,7 +28,7 @@ from v2l_fast.api import _generate, _left_pad, _pad_id
 from v2l_fast.data.loader import describe_rows
 from v2l_fast.data.manifest import ManifestRow, fsync_folder, read_manifest, row_line, write_manifest
 from v2l_fast.errors import fail
-from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, pad_frames
+from v2l_fast.vlm.frames import pad_frames, render_video_chat, video_turn
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError, read_video
 
@@ -52,10 +52,8 @@ def partial_path(manifest_out: str | os.PathLike) -> str:
 
 def teacher_prompt(video: Video, prompt: str, vlm: VLM) -> str:
     """One user turn ``[video, prompt]`` in the video chat template, generation prompt on."""
-    conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": prompt}]}]
-    rendered = vlm.tokenizer.apply_chat_template(conversation, chat_template=VIDEO_CHAT_TEMPLATE,
-                                                 tokenize=False, add_generation_prompt=True)
-    return rendered.replace(VIDEO_PLACEHOLDER, vlm.preprocessor.video_text(video), 1)
+    return render_video_chat(vlm.tokenizer, video_turn(prompt), vlm.preprocessor.video_text(video),
+                             generation_prompt=True)
 
 
 @torch.no_grad()

@@ -27,8 +27,7 @@ connector, decoder — on the world's train manifest:
   caption row (``captions=True``: every object's size, colour, shape and direction), and each
   question once more without the video in the student's text-only template (``blind=True``:
   the model learns the answer prior for questions it cannot see). The step's loss is the mean
-  over all its rows;
-  A run is a pure function of its arguments on one machine.
+  over all its rows. A run is a pure function of its arguments on one machine.
 
 The videos are decoded once (`VideoQADataset`) and kept in memory as uint8 frames (a world of
 3000 clips of 8 × 64² frames: 300 MB). The pixels of a step are made by the same
@@ -60,7 +59,7 @@ from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
-from v2l_fast.vlm.frames import VIDEO_CHAT_TEMPLATE, VIDEO_PLACEHOLDER, VideoPreprocessor, pad_frames
+from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, render_video_chat, video_turn
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
 
@@ -111,8 +110,8 @@ def toy_vlm_config(size: str = "S", *, vocab_size: int = CHAR_VOCAB_SIZE, tokens
 def toy_preprocessor_dict() -> dict:
     """The ``preprocessor_config.json`` of a toy VLM (what `load_smolvlm` reads back)."""
     return {"image_processor_type": "SmolVLMImageProcessor", "max_image_size": {"longest_edge": TOY_IMAGE_SIZE},
-            # frames go straight to 64 px (the default first resize to 384 px and back costs
-            # 2 LANCZOS passes per frame, ~40 % of a toy training step, for blurrier pixels)
+            # frames go straight to 64 px: the default first resize to 384 px and back (2 LANCZOS
+            # passes per frame, every step) made a toy step 2.2× slower (bench/NOTES.md)
             "v2l_fast": {"longest_edge": TOY_IMAGE_SIZE},
             "image_mean": [0.5, 0.5, 0.5], "image_std": [0.5, 0.5, 0.5], "rescale_factor": 1 / 255,
             "video_sampling": {"fps": 1.0}}
@@ -179,8 +178,7 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
         for k, (prompt, target) in enumerate(conversation):
             if not target.strip():
                 fail(f"conversations[{i}][{k}]", "a non-empty answer", repr(target))
-            text = [{"type": "text", "text": prompt}]
-            turns.append({"role": "user", "content": [{"type": "video"}, *text] if k == 0 else text})
+            turns += video_turn(prompt) if k == 0 else [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
             prompt_ids = _template_ids(tokenizer, turns, video_text, generation_prompt=True)
             turns.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
             full = _template_ids(tokenizer, turns, video_text, generation_prompt=False)
@@ -200,10 +198,9 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
 
 
 def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
-    """Token ids of ``turns`` in the video chat template, the video placeholder replaced by ``video_text``."""
-    text = tokenizer.apply_chat_template(turns, chat_template=VIDEO_CHAT_TEMPLATE, tokenize=False,
-                                         add_generation_prompt=generation_prompt)
-    return tokenizer(text.replace(VIDEO_PLACEHOLDER, video_text, 1), add_special_tokens=False)["input_ids"]
+    """Token ids of `render_video_chat` ``(turns, video_text)``."""
+    text = render_video_chat(tokenizer, turns, video_text, generation_prompt=generation_prompt)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tensor:

@@ -122,10 +122,20 @@ class VideoPreprocessor:
 
     def prompt(self, video: Video, instruction: str, tokenizer) -> str:
         """The full context string: one user turn ``[video, instruction]``, no generation prompt."""
-        conversation = [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": instruction}]}]
-        rendered = tokenizer.apply_chat_template(conversation, chat_template=VIDEO_CHAT_TEMPLATE,
-                                                 tokenize=False, add_generation_prompt=False)
-        return rendered.replace(VIDEO_PLACEHOLDER, self.video_text(video), 1)
+        return render_video_chat(tokenizer, video_turn(instruction), self.video_text(video), generation_prompt=False)
+
+
+def video_turn(text: str) -> list[dict]:
+    """The conversation of one user turn ``[video, text]``."""
+    return [{"role": "user", "content": [{"type": "video"}, {"type": "text", "text": text}]}]
+
+
+def render_video_chat(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> str:
+    """``turns`` rendered by the video chat template, the video placeholder replaced by ``video_text``
+    (`VideoPreprocessor.video_text`)."""
+    rendered = tokenizer.apply_chat_template(turns, chat_template=VIDEO_CHAT_TEMPLATE, tokenize=False,
+                                             add_generation_prompt=generation_prompt)
+    return rendered.replace(VIDEO_PLACEHOLDER, video_text, 1)
 
 
 def resized_size(height: int, width: int, longest_edge: int) -> tuple[int, int]:
