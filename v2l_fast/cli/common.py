@@ -4,10 +4,12 @@ set-up, stage timings and the report helpers."""
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
-from collections.abc import Sequence
+import typing
+from collections.abc import Mapping, Sequence
 from contextlib import contextmanager
 
 import torch
@@ -28,6 +30,36 @@ class Parser(argparse.ArgumentParser):
     def error(self, message: str):
         """Print ``message`` as one line and exit with `EXIT_BAD_INPUT`."""
         self.exit(EXIT_BAD_INPUT, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
+def flag(name: str) -> str:
+    """The command-line flag of settings field ``name`` (``grad_accum`` → ``--grad-accum``)."""
+    return "--" + name.replace("_", "-")
+
+
+_FLAG_TYPES = {int: int, float: float, str: str}
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, settings: type, helps: Mapping[str, str]) -> None:
+    """One flag per field of the dataclass ``settings`` (default None: unset keeps the settings'
+    value), typed by the field: bools as ``--x/--no-x``, pairs as two numbers, ``X | None`` as X;
+    the help is ``helps[name]`` and the default when there is one."""
+    defaults = settings()
+    hints = typing.get_type_hints(settings)
+    for field in dataclasses.fields(settings):
+        hint = hints[field.name]
+        args = typing.get_args(hint)
+        base = next(a for a in args if a is not type(None)) if type(None) in args else hint
+        default = getattr(defaults, field.name)
+        text = helps[field.name] if default is None else f"{helps[field.name]} (default: {default})"
+        if base is bool:
+            parser.add_argument(flag(field.name), action=argparse.BooleanOptionalAction, default=None, help=text)
+        elif typing.get_origin(base) is tuple:
+            parser.add_argument(flag(field.name), type=float, nargs=2, metavar=("B1", "B2"), default=None,
+                                help=text)
+        else:
+            parser.add_argument(flag(field.name), type=_FLAG_TYPES[base], default=None,
+                                metavar=field.name.upper(), help=text)
 
 
 def positive_int(text: str) -> int:

@@ -195,6 +195,7 @@ def _first_token_ms(fn, *args, **kwargs) -> float:
 def run_demo(args, device: torch.device) -> int:
     """``v2l-fast demo``: internalize each clip, answer with the adapter and with the video, compare."""
     import v2l_fast.api  # noqa: F401  (imports transformers here, so "load models" times only the load)
+    from v2l_fast.train.evaluate import is_correct
     from v2l_fast.train.teacher import video_answers
     from v2l_fast.vlm.video import read_video
 
@@ -239,8 +240,6 @@ def run_demo(args, device: torch.device) -> int:
             ttft_video = _first_token_ms(video_answers, [video], questions[:1], session.vlm, max_new_tokens=1)
             _print_answers(questions, answers, in_context, clip.truths)
             if clip.truths is not None:
-                from v2l_fast.train.evaluate import is_correct
-
                 scored += len(questions)
                 right["adapter"] += sum(map(is_correct, answers, clip.truths))
                 right["video"] += sum(map(is_correct, in_context, clip.truths))

@@ -7,11 +7,10 @@ table (`v2l_fast.train.replicate`). Run it again after a stop and it goes on whe
 from __future__ import annotations
 
 import dataclasses
-import typing
 
 import torch
 
-from v2l_fast.cli.common import PROG
+from v2l_fast.cli.common import PROG, add_settings_flags
 
 HELP = {
     "train_clips": "training clips of the synthetic world",
@@ -50,13 +49,7 @@ def add_parser(commands) -> None:
         "recipe for 2 CPU cores. A stopped run resumes when started again with the same OUT_DIR and settings.")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="run folder (world/, vlm/, teacher/, hypernet/, "
                         "report.json)")
-    defaults = ReplicateSettings()
-    hints = typing.get_type_hints(ReplicateSettings)
-    for field in dataclasses.fields(ReplicateSettings):
-        kind = next(t for t in (typing.get_args(hints[field.name]) or (hints[field.name],)) if t is not type(None))
-        default = getattr(defaults, field.name)
-        parser.add_argument("--" + field.name.replace("_", "-"), type=kind, default=None,
-                            help=f"{HELP[field.name]} (default: {default})")
+    add_settings_flags(parser, ReplicateSettings, HELP)
     parser.add_argument("--quick", action="store_true",
                         help="a few-second run of every stage on a tiny world (checks the pipeline; not a replication)")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")

@@ -7,15 +7,12 @@ train …``) or on N nodes; a run whose ``--out-dir`` holds a checkpoint resumes
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import os
 import re
-import typing
 
 import torch
 
-from v2l_fast.cli.common import PROG, add_runtime_options
+from v2l_fast.cli.common import PROG, add_runtime_options, add_settings_flags, flag
 
 # One line of help per setting; the default printed after it is TrainConfig's (spec §7's).
 HELP = {
@@ -61,11 +58,6 @@ HELP = {
     "log_every": "append the step's metrics to metrics.jsonl every N steps",
     "progress": "tqdm progress bar (rank 0)",
 }
-_FLAG_TYPES = {int: int, float: float, str: str}
-
-
-def _flag(name: str) -> str:
-    return "--" + name.replace("_", "-")
 
 
 def add_parser(commands) -> None:
@@ -81,23 +73,7 @@ def add_parser(commands) -> None:
         "A run whose --out-dir holds a checkpoint resumes from the latest one exactly.")
     train.add_argument("--config", metavar="FILE", help="JSON (or .toml) file of settings (the names below with "
                        "underscores); flags override it")
-    defaults = TrainConfig()
-    hints = typing.get_type_hints(TrainConfig)
-    for field in dataclasses.fields(TrainConfig):
-        hint = hints[field.name]
-        args = typing.get_args(hint)
-        base = next(a for a in args if a is not type(None)) if type(None) in args else hint
-        default = getattr(defaults, field.name)
-        text = HELP[field.name] if default is None else f"{HELP[field.name]} (default: {default})"
-        if base is bool:
-            train.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, default=None,
-                               help=text)
-        elif typing.get_origin(base) is tuple:
-            train.add_argument(_flag(field.name), type=float, nargs=2, metavar=("B1", "B2"), default=None,
-                               help=text)
-        else:
-            train.add_argument(_flag(field.name), type=_FLAG_TYPES[base], default=None, metavar=field.name.upper(),
-                               help=text)
+    add_settings_flags(train, TrainConfig, HELP)
     add_runtime_options(train, dtype=False)
     train.set_defaults(run=run_train)
 
@@ -114,7 +90,7 @@ def run_train(args, device: torch.device) -> int:
     try:
         config = config.replace(**overrides)
     except ValueError as err:  # the file was checked when read: a bad value here is a flag's
-        raise ValueError(re.sub(r"^config: (\w+)", lambda m: _flag(m[1]), str(err))) from None
+        raise ValueError(re.sub(r"^config: (\w+)", lambda m: flag(m[1]), str(err))) from None
     result = train(config, device=device)
     resumed = f", resumed from {result.resumed_from}" if result.resumed_from else ""
     best = f", best val CE {result.best_val_ce:.4f}" if result.best_val_ce is not None else ""

@@ -102,7 +102,7 @@ QUICK = ReplicateSettings(train_clips=12, val_clips=3, heldout_clips=3, vlm_step
 def _paths(out_dir: str) -> dict[str, str]:
     return {"world": os.path.join(out_dir, "world"), "vlm": os.path.join(out_dir, "vlm"),
             "teacher": os.path.join(out_dir, "teacher", "train.jsonl"), "hypernet": os.path.join(out_dir, "hypernet"),
-            "report": os.path.join(out_dir, REPORT_FILE)}
+            "best": os.path.join(out_dir, "hypernet", "best", "hypernet"), "report": os.path.join(out_dir, REPORT_FILE)}
 
 
 def vlm_dir(out_dir: str | os.PathLike) -> str:
@@ -112,7 +112,7 @@ def vlm_dir(out_dir: str | os.PathLike) -> str:
 
 def hypernet_dir(out_dir: str | os.PathLike) -> str:
     """Where a replication run keeps its best hypernetwork (a `load_frames2lora` directory)."""
-    return os.path.join(_paths(os.fspath(out_dir))["hypernet"], "best", "hypernet")
+    return _paths(os.fspath(out_dir))["best"]
 
 
 def _done(stage: str, paths: dict[str, str]) -> bool:
@@ -219,7 +219,7 @@ def _evaluate(paths, s: ReplicateSettings, progress: bool) -> None:
     from v2l_fast.vlm.load import load_smolvlm
 
     vlm = load_smolvlm(paths["vlm"], dtype=torch.float32)
-    hypernet = load_frames2lora(os.path.join(paths["hypernet"], "best", "hypernet"), expect=vlm.model.config)
+    hypernet = load_frames2lora(paths["best"], expect=vlm.model.config)
     report = evaluate(os.path.join(paths["world"], "heldout.jsonl"), vlm=vlm, hypernet=hypernet,
                       batch_size=s.eval_batch, progress=progress)
     _write_json(paths["report"], report.to_json())
