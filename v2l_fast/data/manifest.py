@@ -228,20 +228,26 @@ def write_manifest(rows, path: str | os.PathLike) -> None:
     """Write ``rows`` (`ManifestRow`) to ``path`` atomically: a temporary file in the same folder,
     flushed and fsynced, then renamed over ``path``; a crash leaves the old file or the new one."""
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    if not os.path.isdir(folder):
+    if not os.path.isdir(os.path.dirname(os.path.abspath(path))):
         fail("manifest_out", "a file in an existing folder", f"{path!r}, whose folder does not exist")
+    write_text_atomic(path, "".join(row_line(row) for row in rows))
+
+
+def write_text_atomic(path: str | os.PathLike, text: str) -> None:
+    """Write ``text`` (UTF-8) to ``path`` atomically: a temporary file in the same folder, flushed
+    and fsynced, then renamed over ``path``; a crash leaves the old file or the new one."""
+    path = os.fspath(path)
     tmp = f"{path}.tmp-{os.getpid()}"
     try:
         with open(tmp, "w", encoding="utf-8") as handle:
-            handle.writelines(row_line(row) for row in rows)
+            handle.write(text)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-    fsync_folder(folder)
+    fsync_folder(os.path.dirname(os.path.abspath(path)))
 
 
 def fsync_folder(folder: str) -> None:

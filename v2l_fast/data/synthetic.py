@@ -46,6 +46,7 @@ from dataclasses import asdict, dataclass
 
 import numpy as np
 
+from v2l_fast.data.manifest import write_text_atomic
 from v2l_fast.errors import fail
 
 DATASET = "v2l_synthetic"
@@ -428,13 +429,13 @@ def generate_world(out_dir: str | os.PathLike, *, num_train: int, num_val: int, 
                 bar.update()
             manifests[split] = os.path.join(out_dir, f"{split}.jsonl")
             rows_per_split[split] = len(lines)
-            _atomic_text(manifests[split], "".join(lines))
+            write_text_atomic(manifests[split], "".join(lines))
     world = {
         "dataset": DATASET, "seed": seed, "heldout_seed": heldout_seed, "frames": frames, "size": size,
         "fps": FPS, "questions_per_clip": questions_per_clip, "clips": counts, "rows": rows_per_split,
         "answers": {t: list(a) for t, a in ANSWERS.items()},
     }
-    _atomic_text(os.path.join(out_dir, "world.json"), json.dumps(world, indent=1) + "\n")
+    write_text_atomic(os.path.join(out_dir, "world.json"), json.dumps(world, indent=1) + "\n")
     return manifests
 
 
@@ -473,18 +474,6 @@ def _atomic(path: str, write) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
-
-
-def _atomic_text(path: str, text: str) -> None:
-    """Write ``text`` to ``path`` atomically (temporary file, fsync, rename)."""
-
-    def write(tmp: str) -> None:
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-
-    _atomic(path, write)
 
 
 def _check_int(name: str, value: object, minimum: int) -> None:

@@ -248,8 +248,6 @@ def _read_json(path: str) -> dict | None:
 
 
 def _write_json(path: str, data: dict) -> None:
-    tmp = f"{path}.tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        json.dump(data, f, indent=1, ensure_ascii=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    from v2l_fast.data.manifest import write_text_atomic
+
+    write_text_atomic(path, json.dumps(data, indent=1, ensure_ascii=False) + "\n")
