@@ -14,7 +14,7 @@ $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel "cmake>=3.25" ninja "pybind11>=2.12"
 	$(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench]"
+	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,serve]"
 	touch $@
 
 setup: $(STAMP)

@@ -94,6 +94,7 @@ def test_adapters_save_load_and_refuse_another_base(tmp_path, session, clip):
     adapters.save(path)
     loaded = Adapters.load(path, model=session.vlm.model)
     assert torch.equal(loaded.A, adapters.A) and loaded.alpha == adapters.alpha and loaded.base == adapters.base
+    assert loaded.bias_rank == adapters.bias_rank == session.hypernet.config.rank
     other = random_smolvlm("tiny", seed=99)
     with pytest.raises(ValueError, match="another base model.*down_proj_sha256"):
         Adapters.load(path, model=other)
@@ -119,6 +120,19 @@ def test_adapters_indexing_and_concatenation(session, clip):
         Adapters(adapters.A, adapters.B[:, :, :4], 16.0, {})
     with pytest.raises(ValueError, match="base"):
         Adapters(adapters.A, adapters.B, 16.0, {"hidden_size": 65})
+    with pytest.raises(ValueError, match=r"bias_rank: expected an int in \[0, 8\] \(R of A\), got 9"):
+        Adapters(adapters.A, adapters.B, 16.0, {}, bias_rank=9)
+
+
+def test_bias_block_is_shared_and_without_bias_keeps_the_video_rows(session, clip):
+    adapters = session.internalize([clip, _frames(1, 4)])
+    r = session.hypernet.config.rank
+    bias_A, bias_B = adapters.bias_block()
+    assert torch.equal(bias_A, session.hypernet.bias_A["down_proj"]) and torch.equal(adapters[1].bias_block()[1], bias_B)
+    own = adapters.without_bias()
+    assert own.rank == adapters.rank - r and own.bias_rank == 0 and torch.equal(own.A, adapters.A[:, :, :r])
+    with pytest.raises(ValueError, match="adapters: expected adapters that carry the bias block"):
+        own.bias_block()
 
 
 def test_bad_inputs_get_clear_errors(tmp_path, session, clip):

@@ -1,8 +1,10 @@
 """Generated adapters: the object `internalize` returns, and its safetensors file.
 
 An `Adapters` holds the combined factors of n videos, ``A [n, L, R, I]`` and ``B [n, L, R, H]``
-(docs/method.md §5: generated rows then the bias block, fp32), the scale α and the
-fingerprint of the base model they were generated for. The fingerprint (model name, text
+(docs/method.md §5: generated rows then the bias block, fp32), the scale α, the number of
+trailing rows that are the hypernetwork's shared bias block (``bias_rank``; 0 when the factors
+hold none, e.g. after the bias was folded into the base weights) and the fingerprint of the
+base model they were generated for. The fingerprint (model name, text
 dimensions and a hash of the ``down_proj`` weights) is saved with them, and adapters are
 refused by a model whose dimensions or weights differ.
 """
@@ -57,18 +59,23 @@ class Adapters:
         B: ``[n, L, R, H]`` up factors (fp32).
         alpha: the LoRA scale, applied as is (2·r^1.5).
         base: `base_fingerprint` of the model they belong to.
+        bias_rank: how many trailing rank rows are the shared bias block (the same for every
+            video of one hypernetwork); 0 when there is none.
     """
 
     A: torch.Tensor
     B: torch.Tensor
     alpha: float
     base: dict
+    bias_rank: int = 0
 
     def __post_init__(self):
         check_tensor("A", self.A, ndim=4, floating=True, shape_hint="[n, L, R, I]")
         check_tensor("B", self.B, ndim=4, floating=True, device=self.A.device, shape_hint="[n, L, R, H]")
         if self.A.shape[:3] != self.B.shape[:3]:
             fail("B", f"leading dims {list(self.A.shape[:3])} ([n, L, R], those of A)", list(self.B.shape))
+        if type(self.bias_rank) is not int or not 0 <= self.bias_rank <= self.A.shape[2]:
+            fail("bias_rank", f"an int in [0, {self.A.shape[2]}] (R of A)", self.bias_rank)
         dims = {"num_layers": self.A.shape[1], "intermediate_size": self.A.shape[3],
                 "hidden_size": self.B.shape[3]}
         for key, size in dims.items():
@@ -89,7 +96,24 @@ class Adapters:
         """Adapters of the selected videos (an int, a slice, or a list of indices)."""
         if isinstance(index, int):
             index = [index]
-        return Adapters(self.A[index], self.B[index], self.alpha, self.base)
+        return Adapters(self.A[index], self.B[index], self.alpha, self.base, self.bias_rank)
+
+    @property
+    def rank(self) -> int:
+        """R, the rank rows of every adapter (generated rows plus the bias block)."""
+        return self.A.shape[2]
+
+    def bias_block(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The shared bias block of adapter 0, ``(bias_A [L, bias_rank, I], bias_B [L, bias_rank, H])``."""
+        if self.bias_rank == 0:
+            fail("adapters", "adapters that carry the bias block (bias_rank > 0)", "bias_rank 0")
+        return self.A[0, :, -self.bias_rank:], self.B[0, :, -self.bias_rank:]
+
+    def without_bias(self) -> Adapters:
+        """The per-video rows only (rank R − bias_rank, bias_rank 0): what a base model with the
+        bias block folded into its ``down_proj`` weights serves (`v2l_fast.serve.fold.fold_bias`)."""
+        keep = self.rank - self.bias_rank
+        return Adapters(self.A[:, :, :keep], self.B[:, :, :keep], self.alpha, self.base, 0)
 
     @staticmethod
     def cat(parts: list[Adapters]) -> Adapters:
@@ -97,21 +121,23 @@ class Adapters:
         if not parts:
             fail("parts", "at least one Adapters", "an empty list")
         for i, part in enumerate(parts[1:], 1):
-            if part.base != parts[0].base or part.alpha != parts[0].alpha:
-                fail(f"parts[{i}]", "adapters of the same base model and alpha as parts[0]",
-                     f"base {part.base.get('name')!r}, alpha {part.alpha}")
+            if (part.base, part.alpha, part.bias_rank) != (parts[0].base, parts[0].alpha, parts[0].bias_rank):
+                fail(f"parts[{i}]", "adapters of the same base model, alpha and bias_rank as parts[0]",
+                     f"base {part.base.get('name')!r}, alpha {part.alpha}, bias_rank {part.bias_rank}")
         return Adapters(torch.cat([p.A for p in parts]), torch.cat([p.B for p in parts]),
-                        parts[0].alpha, parts[0].base)
+                        parts[0].alpha, parts[0].base, parts[0].bias_rank)
 
     def to(self, device) -> Adapters:
         """The adapters on ``device``."""
-        return Adapters(self.A.to(device), self.B.to(device), self.alpha, self.base)
+        return Adapters(self.A.to(device), self.B.to(device), self.alpha, self.base, self.bias_rank)
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write a safetensors file: tensors ``A``, ``B``; alpha and base fingerprint as metadata."""
+        """Write a safetensors file: tensors ``A``, ``B``; alpha, bias_rank and base fingerprint
+        as metadata."""
         from safetensors.torch import save_file
 
-        metadata = {"format": FORMAT, "alpha": repr(float(self.alpha)), "base": json.dumps(self.base)}
+        metadata = {"format": FORMAT, "alpha": repr(float(self.alpha)), "base": json.dumps(self.base),
+                    "bias_rank": str(self.bias_rank)}
         save_file({"A": self.A.detach().contiguous().cpu(), "B": self.B.detach().contiguous().cpu()},
                   os.fspath(path), metadata=metadata)
 
@@ -132,7 +158,8 @@ class Adapters:
         except (SafetensorError, FileNotFoundError, OSError) as err:
             fail("path", "a readable v2l_fast adapters file", f"{path!r}, from which safetensors cannot read adapters: "
                  f"{err}")
-        adapters = cls(A, B, float(metadata["alpha"]), json.loads(metadata["base"]))
+        adapters = cls(A, B, float(metadata["alpha"]), json.loads(metadata["base"]),
+                       int(metadata.get("bias_rank", "0")))
         if model is not None:
             adapters.check_base(model, name=f"adapters in {path!r}")
         return adapters

@@ -127,7 +127,7 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
             A.append(out.A)
             B.append(out.B)
             alpha = out.alpha
-    return Adapters(torch.cat(A), torch.cat(B), alpha, base_fingerprint(vlm.model))
+    return Adapters(torch.cat(A), torch.cat(B), alpha, base_fingerprint(vlm.model), hypernet.config.rank)
 
 
 def _pad_id(tokenizer) -> int:
