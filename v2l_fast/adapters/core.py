@@ -111,7 +111,7 @@ class Adapters:
 
     def without_bias(self) -> Adapters:
         """The per-video rows only (rank R − bias_rank, bias_rank 0): what a base model with the
-        bias block folded into its ``down_proj`` weights serves (`v2l_fast.serve.fold.fold_bias`)."""
+        bias block folded into its ``down_proj`` weights serves (`v2l_fast.adapters.fold.fold_bias`)."""
         keep = self.rank - self.bias_rank
         return Adapters(self.A[:, :, :keep], self.B[:, :, :keep], self.alpha, self.base, 0)
 
