@@ -23,7 +23,7 @@ from v2l_fast.errors import check_tensor, fail
 
 FORMAT = "v2l_fast.adapters/1"
 # Fingerprint fields that must match for adapters to fit a model (the name is informative only).
-_MATCHED = ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256")
+_MATCHED = ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256")  # dimensions first
 _HASHED_VALUES_PER_LAYER = 1 << 16
 
 
@@ -84,10 +84,23 @@ class Adapters:
 
     def check_base(self, model: torch.nn.Module, name: str = "adapters") -> None:
         """Refuse ``model`` (ValueError naming each difference) if these adapters were made for
-        another base model: `v2l_fast.compat.check_fits` on the two fingerprints."""
-        mine = base_fingerprint(model)
-        check_fits(name, "adapters", self.base, {key: mine[key] for key in _MATCHED},
-                   names=(self.base.get("name"), mine["name"]))
+        another base model: `check_fingerprint` on the model's `base_fingerprint`."""
+        self.check_fingerprint(base_fingerprint(model), name=name)
+
+    def check_fingerprint(self, fingerprint: dict, name: str = "adapters") -> None:
+        """Refuse these adapters (ValueError naming each difference) if they were made for
+        another base model than the one ``fingerprint`` (a `base_fingerprint`) describes.
+
+        No model needed: an adapter store checks adapters against a recorded fingerprint.
+        The fields compared are L, H, I and ``down_proj_sha256``; the name is informative only.
+        ``fingerprint`` must give L, H and I; without ``down_proj_sha256`` the weights are not
+        compared (a fingerprint of dimensions only).
+        """
+        if not isinstance(fingerprint, dict) or any(key not in fingerprint for key in _MATCHED[:3]):
+            fail("fingerprint", f"a base-model fingerprint dict with {', '.join(_MATCHED[:3])}",
+                 fingerprint if not isinstance(fingerprint, dict) else f"keys {sorted(fingerprint)}")
+        check_fits(name, "adapters", self.base, {key: fingerprint[key] for key in _MATCHED if key in fingerprint},
+                   names=(self.base.get("name"), fingerprint.get("name")))
 
     def __len__(self) -> int:
         return self.A.shape[0]
