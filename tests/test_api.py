@@ -128,7 +128,8 @@ def test_bias_block_is_shared_and_without_bias_keeps_the_video_rows(session, cli
     adapters = session.internalize([clip, _frames(1, 4)])
     r = session.hypernet.config.rank
     bias_A, bias_B = adapters.bias_block()
-    assert torch.equal(bias_A, session.hypernet.bias_A["down_proj"]) and torch.equal(adapters[1].bias_block()[1], bias_B)
+    assert torch.equal(bias_A, session.hypernet.bias_A["down_proj"])
+    assert torch.equal(adapters[1].bias_block()[1], bias_B)
     own = adapters.without_bias()
     assert own.rank == adapters.rank - r and own.bias_rank == 0 and torch.equal(own.A, adapters.A[:, :, :r])
     with pytest.raises(ValueError, match="adapters: expected adapters that carry the bias block"):

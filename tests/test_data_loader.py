@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from v2l_fast.api import _pad_id
+from v2l_fast.api import pad_id
 from v2l_fast.data.loader import VideoQALoader
 from v2l_fast.data.manifest import read_manifest
 from v2l_fast.testing import write_test_video
@@ -58,7 +58,7 @@ def test_a_batch_is_the_internalisation_input_of_its_videos(vlm, manifest):
     batch = next(iter(VideoQALoader(rows, vlm=vlm, videos_per_batch=2)))
     clips = [read_video(manifest.parent / "clips" / f"c{c}.mp4", max_frames=3) for c in (0, 1)]
     expected = build_video_batch(clips, DEFAULT_INSTRUCTION, vlm.tokenizer, vlm.preprocessor,
-                                 pad_token_id=_pad_id(vlm.tokenizer))
+                                 pad_token_id=pad_id(vlm.tokenizer))
     for name in ("input_ids", "attention_mask", "pixel_values", "pixel_attention_mask"):
         assert torch.equal(getattr(batch.videos, name), getattr(expected, name)), name
 

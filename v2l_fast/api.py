@@ -120,7 +120,7 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
         for start, end in _chunks(len(videos), batch_size, progress, "internalize"):
             clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
             batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
-                                      pad_token_id=_pad_id(vlm.tokenizer))
+                                      pad_token_id=pad_id(vlm.tokenizer))
             features, mask = extract_features(vlm.model, batch)
             with torch.no_grad():
                 out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
@@ -130,16 +130,34 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
     return Adapters(torch.cat(A), torch.cat(B), alpha, base_fingerprint(vlm.model), hypernet.config.rank)
 
 
-def _pad_id(tokenizer) -> int:
+def pad_id(tokenizer) -> int:
+    """The tokenizer's padding id (its end-of-sequence id when it has none)."""
     pad = tokenizer.pad_token_id
     return pad if pad is not None else tokenizer.eos_token_id
 
 
 def question_ids(tokenizer, prompt: str) -> list[int]:
     """Token ids of a text-only question: the tokenizer's chat template, generation prompt on."""
-    conversation = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+    return conversation_ids(tokenizer, [{"role": "user", "content": [{"type": "text", "text": prompt}]}])
+
+
+def conversation_ids(tokenizer, conversation: list[dict]) -> list[int]:
+    """Token ids of a chat (``[{"role", "content": [{"type": "text", "text"}]}, …]``) through the
+    tokenizer's chat template, generation prompt on: the context of the answer's first token."""
     text = tokenizer.apply_chat_template(conversation, tokenize=False, add_generation_prompt=True)
     return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def visual_token_ids(vlm: VLM) -> set[int]:
+    """Ids of the tokens that stand for images in a SmolVLM2 prompt (`<image>`, its fake-image
+    and global-image markers): a text-only context holds none of them."""
+    tokenizer = vlm.tokenizer
+    visual = {vlm.model.config.image_token_id}
+    for token in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN):
+        token_id = tokenizer.convert_tokens_to_ids(token)
+        if tokenizer.convert_ids_to_tokens(token_id) == token:  # not the unknown-token id
+            visual.add(token_id)
+    return visual
 
 
 def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = DEFAULT_MAX_NEW_TOKENS,
@@ -171,18 +189,14 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
                  f"{len(adapters)} adapters")
         adapters.check_base(vlm.model)
     tokenizer, model = vlm.tokenizer, vlm.model
-    visual_ids = {model.config.image_token_id}
-    for token in (FAKE_IMAGE_TOKEN, GLOBAL_IMAGE_TOKEN):
-        token_id = tokenizer.convert_tokens_to_ids(token)
-        if tokenizer.convert_ids_to_tokens(token_id) == token:  # not the unknown-token id
-            visual_ids.add(token_id)
+    visual_ids = visual_token_ids(vlm)
     ids = [question_ids(tokenizer, prompt) for prompt in prompts]
     for i, row in enumerate(ids):
         if visual_ids.intersection(row):
             fail(f"prompts[{i}]", "text without image tokens (the answer model sees no visual tokens)",
                  repr(prompts[i][:80]))
     answers: list[str] = []
-    pad = _pad_id(tokenizer)
+    pad = pad_id(tokenizer)
     with _backend_scope(backend, vlm.device):
         for start, end in _chunks(len(prompts), batch_size, progress, "ask"):
             input_ids, attention_mask = _left_pad(ids[start:end], pad, vlm.device)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from v2l_fast.api import _pad_id
+from v2l_fast.api import pad_id
 from v2l_fast.data.manifest import ManifestRow
 from v2l_fast.errors import fail
 from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, VideoBatch, VideoPreprocessor, build_video_batch
@@ -119,7 +119,7 @@ class _Collate:
         videos = None
         if good:
             videos = build_video_batch([item.video for item in good], self.instruction, self.tokenizer,
-                                       self.preprocessor, pad_token_id=_pad_id(self.tokenizer))
+                                       self.preprocessor, pad_token_id=pad_id(self.tokenizer))
         return VideoQABatch(videos, [item.rows for item in good], [item.error for item in items if item.error])
 
 

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from v2l_fast.api import _generate, _left_pad, _pad_id
+from v2l_fast.api import _generate, _left_pad, pad_id
 from v2l_fast.data.loader import describe_rows
 from v2l_fast.data.manifest import ManifestRow, fsync_folder, read_manifest, row_line, write_manifest
 from v2l_fast.errors import fail
@@ -63,7 +63,7 @@ def video_answers(videos: Sequence[Video], prompts: Sequence[str], vlm: VLM, *, 
     decoded without special tokens and stripped (an empty answer stays empty). A video that
     appears more than once (the same object) is preprocessed once."""
     pixels = {id(video): vlm.preprocessor.pixel_values(video) for video in videos}
-    tokenizer, pad = vlm.tokenizer, _pad_id(vlm.tokenizer)
+    tokenizer, pad = vlm.tokenizer, pad_id(vlm.tokenizer)
     ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
            for video, prompt in zip(videos, prompts)]
     input_ids, attention_mask = _left_pad(ids, pad, vlm.device)

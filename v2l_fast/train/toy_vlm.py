@@ -53,7 +53,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from v2l_fast.api import _pad_id
+from v2l_fast.api import pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
@@ -188,7 +188,7 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
         rows.append(full)
         spans.append(row_spans)
     input_ids, attention_mask, labels = right_pad_labelled(rows, [row_spans[0][0] for row_spans in spans],
-                                                           _pad_id(tokenizer))
+                                                           pad_id(tokenizer))
     for b, row_spans in enumerate(spans):  # unlabel the user turns between answers
         for (_, end), (start, _) in zip(row_spans, row_spans[1:]):
             labels[b, end:start] = IGNORE

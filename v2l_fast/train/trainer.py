@@ -40,7 +40,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from v2l_fast.api import _pad_id
+from v2l_fast.api import pad_id
 from v2l_fast.data.loader import VideoQADataset, describe_rows
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
@@ -176,7 +176,7 @@ class _Collate:
         videos = None
         if decoded:
             videos = build_video_batch([items[j].video for j in decoded], self.instruction, self.tokenizer,
-                                       self.preprocessor, pad_token_id=_pad_id(self.tokenizer))
+                                       self.preprocessor, pad_token_id=pad_id(self.tokenizer))
         return _Micro([item.rows for item in items], [item.key for item in items], decoded, videos,
                       [item.error for item in items if item.error])
 
