@@ -9,6 +9,7 @@ skipped with ``check=False`` in a hot loop.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -189,7 +190,19 @@ def compose_adapters(a: Arguments, *, values: bool = True) -> None:
             fail(name_b, f"output width O = {O} in the last dim", describe(b))
         if a.device != As[0].device:
             fail(name_a, f"a tensor on {As[0].device}", describe(a))
-    if weights is not None and len(weights) != len(As):
-        fail("weights", f"{len(As)} scalars, one per segment", len(weights))
-    if max_rank is not None and (not isinstance(max_rank, int) or max_rank < 1):
+    if weights is not None:
+        if isinstance(weights, torch.Tensor):
+            if weights.dim() != 1 or weights.is_complex() or weights.dtype == torch.bool:
+                fail("weights", f"a 1-D real tensor of {len(As)} scalars", describe(weights))
+        elif not isinstance(weights, Sequence) or not all(_is_real_scalar(w) for w in weights):
+            fail("weights", f"{len(As)} real scalars, one per segment", repr(weights))
+        if len(weights) != len(As):
+            fail("weights", f"{len(As)} scalars, one per segment", len(weights))
+    if max_rank is not None and (type(max_rank) is not int or max_rank < 1):
         fail("max_rank", "a positive int or None", max_rank)
+
+
+def _is_real_scalar(value: object) -> bool:
+    if isinstance(value, torch.Tensor):
+        return value.dim() == 0 and not value.is_complex() and value.dtype != torch.bool
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
