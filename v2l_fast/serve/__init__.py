@@ -1,0 +1,7 @@
+"""Serving: a continuous-batching engine over many adapters (`engine`), its packed decoder
+(`decoder`), sampling and stop rules (`sampling`) and the OpenAI-compatible HTTP server (`server`)."""
+
+from v2l_fast.serve.engine import Completion, Engine, EngineFull, RequestHandle, StreamEvent
+from v2l_fast.serve.sampling import SamplingParams
+
+__all__ = ["Completion", "Engine", "EngineFull", "RequestHandle", "SamplingParams", "StreamEvent"]

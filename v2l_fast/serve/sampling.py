@@ -1,0 +1,123 @@
+"""Sampling parameters, next-token choice and stop conditions of the serving engine.
+
+Greedy (temperature 0) is ``argmax``, the same choice as ``model.generate(do_sample=False)``,
+so the engine's greedy answers equal `v2l_fast.api.ask`'s. With temperature > 0 a request draws
+from ``softmax(logits / temperature)`` restricted to the smallest set of tokens whose
+probability reaches ``top_p`` (nucleus sampling), with its own seeded generator: the same seed
+gives the same answer whatever else shares the batch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from v2l_fast.errors import fail
+
+DEFAULT_MAX_TOKENS = 128
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How one request chooses its tokens and when it stops.
+
+    Attributes:
+        max_tokens: most tokens generated (the answer ends with finish reason ``"length"``).
+        temperature: 0 = greedy; > 0 = sampling at this temperature.
+        top_p: nucleus mass in (0, 1] (1 = the whole distribution).
+        stop: strings that end the answer when generated (not included in it).
+        seed: seed of the request's generator (None: drawn from the engine's generator).
+    """
+
+    max_tokens: int = DEFAULT_MAX_TOKENS
+    temperature: float = 0.0
+    top_p: float = 1.0
+    stop: tuple[str, ...] = field(default_factory=tuple)
+    seed: int | None = None
+
+    def __post_init__(self):
+        if type(self.max_tokens) is not int or self.max_tokens < 1:
+            fail("max_tokens", "an int >= 1", self.max_tokens)
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:
+            fail("temperature", "a finite number >= 0", self.temperature)
+        if not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1:
+            fail("top_p", "a number in (0, 1]", self.top_p)
+        stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+        if not isinstance(stop, (list, tuple)) or not all(isinstance(s, str) and s for s in stop):
+            fail("stop", "a non-empty string or a list of them", self.stop)
+        object.__setattr__(self, "stop", tuple(stop))
+        if self.seed is not None and (type(self.seed) is not int or not 0 <= self.seed < 2**63):
+            fail("seed", "an int in [0, 2**63) or None", self.seed)
+
+
+def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators: list) -> list[int]:
+    """The next token of each row of ``logits [S, vocab]`` (fp32) under its request's params.
+
+    Greedy rows are one ``argmax`` over the batch; sampling rows draw with their own generator.
+    Returns host ints (the one device→host copy of the step).
+    """
+    greedy = logits.argmax(dim=-1)
+    sampled = [i for i, p in enumerate(params) if p.temperature > 0]
+    if not sampled:
+        return greedy.tolist()
+    tokens = greedy.clone()
+    for i in sampled:
+        probs = torch.softmax(logits[i] / params[i].temperature, dim=-1)
+        if params[i].top_p < 1:
+            sorted_probs, order = probs.sort(descending=True)
+            # keep the tokens whose preceding mass is below top_p (the first one always)
+            keep = (sorted_probs.cumsum(0) - sorted_probs) < params[i].top_p
+            probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+        tokens[i] = torch.multinomial(probs, 1, generator=generators[i])[0]
+    return tokens.tolist()
+
+
+class TextTracker:
+    """The answer text of one request as its tokens arrive: stop strings and streaming deltas.
+
+    Each new token re-decodes the answer (``skip_special_tokens``); the text released to the
+    stream holds back a trailing incomplete character (U+FFFD of a partial UTF-8 sequence) and
+    any suffix that could still grow into a stop string, so a stop string never reaches a client.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...]):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.token_ids: list[int] = []
+        self.text = ""
+        self.released = 0
+        self.stopped = False
+
+    def add(self, token_id: int) -> str:
+        """Append a token; return the newly releasable text (sets ``stopped`` on a stop string)."""
+        self.token_ids.append(token_id)
+        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
+        for stop in self.stop:
+            at = text.find(stop, max(0, self.released - len(stop)))
+            if at >= 0:
+                self.stopped = True
+                text = text[:at]
+        self.text = text
+        end = len(text) if self.stopped else self._safe_end(text)
+        delta = text[self.released:end]
+        self.released = max(self.released, end)
+        return delta
+
+    def finish(self) -> str:
+        """The text still held back, released when the request ends."""
+        delta = self.text[self.released:]
+        self.released = len(self.text)
+        return delta
+
+    def _safe_end(self, text: str) -> int:
+        end = len(text)
+        while end > self.released and text[end - 1] == "\ufffd":
+            end -= 1
+        for stop in self.stop:
+            for n in range(min(len(stop) - 1, end - self.released), 0, -1):
+                if text[end - n:end] == stop[:n]:
+                    end -= n
+                    break
+        return end
