@@ -136,8 +136,8 @@ def export_folded_base(vlm, bias_A: torch.Tensor, bias_B: torch.Tensor, alpha: f
 
     ``out_dir`` (new) receives ``save_pretrained`` of the model (its config carries the
     `FoldedBias` record), the tokenizer, and the processor files: copied from ``source`` (the
-    directory the VLM was loaded from; hub ids are fetched with ``huggingface_hub``) when given,
-    else a ``preprocessor_config.json`` written from ``vlm.preprocessor``. vLLM serves this
+    directory the VLM was loaded from; hub ids are fetched with ``huggingface_hub``) when given;
+    a ``preprocessor_config.json`` written from ``vlm.preprocessor`` where there is none. vLLM serves this
     directory with per-video adapters from ``export_peft(..., folded=record)``;
     `v2l_fast.vlm.load_smolvlm` loads it back.
 
@@ -145,8 +145,8 @@ def export_folded_base(vlm, bias_A: torch.Tensor, bias_B: torch.Tensor, alpha: f
         The `FoldedBias` record.
     """
     out_dir = _check_new_dir(out_dir, "out_dir")
-    extra = _processor_files(os.fspath(source)) if source is not None else {
-        "preprocessor_config.json": json.dumps(_preprocessor_dict(vlm.preprocessor), indent=1).encode()}
+    extra = _processor_files(os.fspath(source)) if source is not None else {}
+    extra.setdefault("preprocessor_config.json", json.dumps(_preprocessor_dict(vlm.preprocessor), indent=1).encode())
     record = fold_bias(vlm.model, bias_A, bias_B, alpha)
     with _atomic_dir(out_dir) as tmp:
         vlm.model.save_pretrained(tmp)
