@@ -12,6 +12,7 @@ import torch
 from v2l_fast.adapters import Adapters
 from v2l_fast.adapters.store import AdapterNotFound, AdapterPool, AdapterStore, PoolExhausted, check_adapter_id
 from v2l_fast.ops import available_backends, lora_sgmv
+from v2l_fast.ops.registry import BACKENDS, runtime_missing
 from v2l_fast.testing import assert_rel_close
 
 L, I, H = 2, 20, 12  # layers, down_proj in (intermediate) and out (hidden) features
@@ -266,10 +267,10 @@ def test_a_corrupt_file_is_an_error_not_a_404(tmp_path):
 
 # --- the pool ------------------------------------------------------------------------------------
 
-def make_pool(slots: int = 2, max_rank: int = 8, **kwargs) -> AdapterPool:
+def make_pool(slots: int = 2, max_rank: int = 8, device: str | torch.device = "cpu", **kwargs) -> AdapterPool:
     slot_bytes = L * max_rank * (I + H) * 4
     return AdapterPool(num_layers=L, in_features=I, out_features=H, max_rank=max_rank,
-                       budget_bytes=slots * slot_bytes + slot_bytes - 1, device="cpu", **kwargs)
+                       budget_bytes=slots * slot_bytes + slot_bytes - 1, device=device, **kwargs)
 
 
 class Loads:
@@ -344,9 +345,12 @@ def test_a_full_pool_of_pinned_slots_is_exhausted_until_a_release():
     assert pool.stats["pinned"] == 2
 
 
-@pytest.mark.parametrize("backend", available_backends("lora_sgmv"))
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_adapters_of_mixed_ranks_share_one_batch(backend):
-    pool = make_pool(slots=4, max_rank=8)
+    device = torch.device("cuda" if torch.cuda.is_available() and backend != "cpp" else "cpu")
+    if backend not in available_backends("lora_sgmv") or runtime_missing(backend, device):
+        pytest.skip(f"{backend}: {runtime_missing(backend, device) or 'not available'}")
+    pool = make_pool(slots=4, max_rank=8, device=device)
     adapters = {"r3": make(rank=3, seed=1), "r8": make(rank=8, seed=2), "r5": make(rank=5, seed=3, alpha=4.0)}
     slots = {key: pool.acquire(key, lambda a=a: a) for key, a in adapters.items()}
     assert pool.scaling == 16.0  # the first adapter's alpha; r5's B is rescaled to it
@@ -363,8 +367,8 @@ def test_adapters_of_mixed_ranks_share_one_batch(backend):
     seg_indptr = torch.tensor([0, *torch.tensor(counts).cumsum(0).tolist()])
     seg_adapter = torch.tensor([slots[k] for k in order])
     for layer in range(L):
-        out = lora_sgmv(x, pool.A, pool.B, seg_indptr, seg_adapter, ranks=pool.ranks, layer=layer,
-                        scaling=pool.scaling, backend=backend)
+        out = lora_sgmv(x.to(device), pool.A, pool.B, seg_indptr.to(device), seg_adapter.to(device),
+                        ranks=pool.ranks, layer=layer, scaling=pool.scaling, backend=backend).cpu()
         want = torch.cat([adapters[k].alpha * (xs @ adapters[k].A[0, layer].T) @ adapters[k].B[0, layer]
                           for k, xs in zip(order, x.split(counts))])
         assert torch.isfinite(out).all()
