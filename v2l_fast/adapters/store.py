@@ -26,8 +26,8 @@ from __future__ import annotations
 import itertools
 import os
 import re
-import tempfile
 import threading
+import uuid
 from collections import OrderedDict
 from collections.abc import Callable, Hashable
 
@@ -221,8 +221,8 @@ def _save_atomic(adapters: Adapters, path: str) -> None:
     that `AdapterStore.ids` ignores), fsynced, renamed over ``path``, then the folder fsynced.
     A crash leaves the old file or the new one, at worst plus a stray temporary file."""
     folder, name = os.path.split(path)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{name}.", suffix=".tmp")
-    os.close(fd)
+    # A unique name: concurrent writers (threads, processes) never share a temporary file.
+    tmp = os.path.join(folder, f".{name}.{uuid.uuid4().hex}.tmp")
     try:
         adapters.save(tmp)
         with open(tmp, "rb") as handle:
