@@ -23,7 +23,6 @@ slots on that stream never sees a half-copied adapter.
 
 from __future__ import annotations
 
-import itertools
 import os
 import re
 import threading
@@ -99,8 +98,10 @@ class AdapterStore:
         self.base = base
         self._memory: dict[str, Adapters] = {}
         self._versions: dict[str, int] = {}
-        self._counter = itertools.count(1)
         self._lock = threading.RLock()
+
+    def _bump(self, adapter_id: str) -> None:
+        self._versions[adapter_id] = self._versions.get(adapter_id, 0) + 1
 
     def _path(self, adapter_id: str) -> str | None:
         return None if self.root is None else os.path.join(self.root, adapter_id + _SUFFIX)
@@ -135,7 +136,7 @@ class AdapterStore:
                     os.remove(path)
                     fsync_folder(self.root)
                 self._memory[adapter_id] = copy
-            self._versions[adapter_id] = next(self._counter)
+            self._bump(adapter_id)
 
     def get(self, adapter_id: str) -> Adapters:
         """The adapters stored under ``adapter_id``, on the CPU; `AdapterNotFound` when none.
@@ -161,8 +162,8 @@ class AdapterStore:
         return adapters
 
     def version(self, adapter_id: str) -> int:
-        """A number that changes on every `put` and `delete` of ``adapter_id`` (0 if neither
-        happened in this store's life, e.g. a file from an earlier run).
+        """A number that goes up by one on every `put` and `delete` of ``adapter_id`` (0 if
+        neither happened in this store's life, e.g. a file from an earlier run).
 
         Key device copies by ``(adapter_id, version)``, reading the version before `get`, and a
         replaced adapter is never served from a stale copy.
@@ -185,7 +186,7 @@ class AdapterStore:
                 except FileNotFoundError:
                     pass
             if found:
-                self._versions[adapter_id] = next(self._counter)
+                self._bump(adapter_id)
             return found
 
     def ids(self) -> list[str]:
