@@ -41,7 +41,7 @@ from v2l_fast.api import conversation_ids, question_ids, visual_token_ids
 from v2l_fast.compat import check_fits
 from v2l_fast.errors import fail
 from v2l_fast.serve.decoder import PackedBatch, PackedDecoder
-from v2l_fast.serve.sampling import SamplingParams, TextTracker, choose_tokens
+from v2l_fast.serve.sampling import DEFAULT_MAX_TOKENS, SamplingParams, TextTracker, choose_tokens
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.lora_patch import down_proj_targets, is_patched
 
@@ -55,8 +55,8 @@ class EngineFull(RuntimeError):
 @dataclass(frozen=True)
 class StreamEvent:
     """A piece of one request's answer: new text, and on the last event the finish reason
-    (``"stop"``: end of sequence or a stop string, ``"length"``: max_tokens or the slot is
-    full, ``"cancelled"``, ``"error"`` with ``error`` set)."""
+    (``"stop"``: end of sequence or a stop string, ``"length"``: max_tokens,
+    ``"cancelled"``, ``"error"`` with ``error`` set)."""
 
     text: str
     finish_reason: str | None = None
@@ -132,6 +132,7 @@ class _Request:
     prompt_ids: list[int]
     adapter_id: str | None
     params: SamplingParams
+    max_tokens: int
     tracker: TextTracker
     generator: torch.Generator | None
     submitted: float
@@ -256,8 +257,10 @@ class Engine:
         the store's folder). Checked now: base model, and the bias block when folded."""
         if self.folded is not None:
             self.folded.check(adapters, name=f"adapter {adapter_id!r}")
+        replaced = self.store.version(adapter_id) if adapter_id in self.store else None
         self.store.put(adapter_id, adapters, persist=persist)
-        self.pool.discard((adapter_id, self.store.version(adapter_id) - 1))
+        if replaced is not None:
+            self.pool.discard((adapter_id, replaced))
 
     def delete_adapter(self, adapter_id: str) -> bool:
         """Forget an adapter (file included); requests already running with it finish."""
@@ -303,7 +306,7 @@ class Engine:
         Args:
             prompt: a question or chat messages (see `prompt_ids`), or None with ``prompt_ids``.
             adapter: the id of a stored adapter, or None for the base model.
-            params: `SamplingParams` (default: greedy, 128 tokens).
+            params: `SamplingParams` (default: greedy, up to 128 tokens).
             prompt_ids: the context's token ids, as they are.
             request_id: a name for the request (default: a counter).
 
@@ -323,8 +326,9 @@ class Engine:
         if self._visual_ids.intersection(ids):
             fail("prompt", "text without image tokens (the answer model sees no visual tokens)", "image tokens")
         room = self.max_len - len(ids)
-        if room < params.max_tokens:
-            fail("prompt", f"at most {self.max_len - params.max_tokens} tokens with max_tokens {params.max_tokens} "
+        limit = min(DEFAULT_MAX_TOKENS, room) if params.max_tokens is None else params.max_tokens
+        if room < max(limit, 1):
+            fail("prompt", f"at most {self.max_len - max(limit, 1)} tokens with max_tokens {max(limit, 1)} "
                  f"(max_len {self.max_len})", f"{len(ids)} tokens")
         if adapter is not None:
             check_adapter_id(adapter)
@@ -342,8 +346,8 @@ class Engine:
                 raise EngineFull(f"queue: expected fewer than {self.max_queue} waiting requests, got "
                                  f"{len(self._waiting)}")
             handle = RequestHandle(request_id or f"req-{next(self._ids)}", len(ids))
-            self._waiting.append(_Request(handle, ids, adapter, params, TextTracker(self.tokenizer, params.stop),
-                                          generator, time.perf_counter()))
+            tracker = TextTracker(self.tokenizer, params.stop)
+            self._waiting.append(_Request(handle, ids, adapter, params, limit, tracker, generator, time.perf_counter()))
             self._wake.notify()
         return handle
 
@@ -418,7 +422,7 @@ class Engine:
         delta = request.tracker.add(token)
         if request.tracker.stopped:
             self._finish(request, "stop", text=delta)
-        elif len(request.generated) >= request.params.max_tokens or request.position + 1 >= self.max_len:
+        elif len(request.generated) >= request.max_tokens:
             self._finish(request, "length", text=delta)
         elif delta:
             request.handle._emit(StreamEvent(delta))

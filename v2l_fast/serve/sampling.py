@@ -24,22 +24,23 @@ class SamplingParams:
     """How one request chooses its tokens and when it stops.
 
     Attributes:
-        max_tokens: most tokens generated (the answer ends with finish reason ``"length"``).
+        max_tokens: most tokens generated (the answer ends with finish reason ``"length"``);
+            None: 128, or fewer when the prompt leaves less room in its KV slot.
         temperature: 0 = greedy; > 0 = sampling at this temperature.
         top_p: nucleus mass in (0, 1] (1 = the whole distribution).
         stop: strings that end the answer when generated (not included in it).
         seed: seed of the request's generator (None: drawn from the engine's generator).
     """
 
-    max_tokens: int = DEFAULT_MAX_TOKENS
+    max_tokens: int | None = None
     temperature: float = 0.0
     top_p: float = 1.0
     stop: tuple[str, ...] = field(default_factory=tuple)
     seed: int | None = None
 
     def __post_init__(self):
-        if type(self.max_tokens) is not int or self.max_tokens < 1:
-            fail("max_tokens", "an int >= 1", self.max_tokens)
+        if self.max_tokens is not None and (type(self.max_tokens) is not int or self.max_tokens < 1):
+            fail("max_tokens", "an int >= 1 or None", self.max_tokens)
         if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
                 or self.temperature < 0:
             fail("temperature", "a finite number >= 0", self.temperature)

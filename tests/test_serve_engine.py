@@ -1,0 +1,290 @@
+"""The serving engine on tiny random SmolVLM2 models: answers equal `ask`'s, batching, streaming,
+stop conditions, sampling, adapters in the pool, bad input."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+import v2l_fast
+from v2l_fast.adapters.store import AdapterNotFound, AdapterStore
+from v2l_fast.serve import Engine, EngineFull, SamplingParams
+from v2l_fast.serve.decoder import PackedBatch, PackedDecoder
+from v2l_fast.serve.sampling import TextTracker
+from v2l_fast.testing import tiny_hypernet
+from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
+
+PROMPTS = ["What colour is the ball?", "Which way does it move?", "How many squares?", "Describe the clip.",
+           "Is the circle big?"]
+MAX_TOKENS = 10
+
+
+def _trained_like(hypernet):
+    """A random hypernetwork whose adapters change answers (a fresh one's B factors are zero)."""
+    torch.manual_seed(5)
+    with torch.no_grad():
+        for p in hypernet.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    return hypernet
+
+
+@pytest.fixture(scope="module")
+def models():
+    vlm = tiny_vlm(seed=7, longest_edge=64, max_frames=3)
+    hypernet = _trained_like(tiny_hypernet(vlm.model))
+    videos = [np.random.default_rng(i).integers(0, 256, (2, 24, 36, 3), dtype=np.uint8) for i in range(3)]
+    adapters = v2l_fast.internalize(videos, vlm=vlm, hypernet=hypernet)
+    return vlm, hypernet, adapters
+
+
+@pytest.fixture(scope="module")
+def expected(models):
+    """Greedy answers of `ask`, one prompt at a time: ``expected[(prompt index, video or None)]``."""
+    vlm, _, adapters = models
+    answers = {}
+    for p, prompt in enumerate(PROMPTS):
+        for video in (0, 1, 2, None):
+            chosen = adapters[video] if video is not None else None
+            answers[p, video] = v2l_fast.ask(chosen, [prompt], vlm=vlm, max_new_tokens=MAX_TOKENS)[0]
+    return answers
+
+
+def _engine(models, **kwargs) -> Engine:
+    """An engine on a fresh copy of the tiny VLM (the engine folds the bias into its weights)."""
+    vlm, hypernet, adapters = models
+    copy = tiny_vlm(seed=7, longest_edge=64, max_frames=3)
+    engine = Engine(copy, hypernet=hypernet, **kwargs)
+    for i in range(len(adapters)):
+        engine.add_adapter(f"video-{i}", adapters[i])
+    return engine
+
+
+def _adapter_id(video):
+    return None if video is None else f"video-{video}"
+
+
+def test_packed_decoder_logits_equal_the_model_forward_for_prefill_and_decode():
+    model = random_smolvlm("tiny", seed=1).eval()
+    decoder = PackedDecoder(model, num_slots=4, max_len=32)
+    first, second = [5, 9, 22, 31, 7], [3, 4, 8]
+    none = [torch.zeros(1, 1, 128)] * 4, [torch.zeros(1, 1, 64)] * 4, torch.zeros(1, dtype=torch.int64)
+    prefill = decoder.forward(PackedBatch.build([(first, 0, 0, -1), (second, 0, 2, -1)], 0, "cpu"), *none, 1.0)
+    decode = decoder.forward(PackedBatch.build([([11], 5, 0, -1), ([12], 3, 2, -1)], 2, "cpu"), *none, 1.0)
+    with torch.no_grad():
+        for got, ids in ((prefill[0], first), (prefill[1], second), (decode[0], first + [11]),
+                         (decode[1], second + [12])):
+            want = model(input_ids=torch.tensor([ids])).logits[0, -1]
+            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_greedy_answers_equal_ask_whatever_shares_the_batch(models, expected):
+    engine = _engine(models, max_batch=8)
+    cases = [(p, v) for p in range(len(PROMPTS)) for v in (0, 1, 2, None)]
+    mixed = engine.generate([PROMPTS[p] for p, _ in cases], [_adapter_id(v) for _, v in cases],
+                            SamplingParams(max_tokens=MAX_TOKENS))
+    for (p, v), completion in zip(cases, mixed):
+        assert completion.text.strip() == expected[p, v], (PROMPTS[p], v)
+        assert completion.prompt_tokens > 0 and 0 < completion.completion_tokens <= MAX_TOKENS
+    # the adapters matter: some prompt answers differently with different videos
+    assert any(len({expected[p, v] for v in (0, 1, 2, None)}) > 1 for p in range(len(PROMPTS)))
+
+
+def test_requests_join_and_leave_between_steps(models, expected):
+    engine = _engine(models, max_batch=2)
+    short = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=2))
+    long = engine.submit(PROMPTS[1], adapter="video-1", params=SamplingParams(max_tokens=MAX_TOKENS))
+    waiting = engine.submit(PROMPTS[2], adapter="video-2", params=SamplingParams(max_tokens=MAX_TOKENS))
+    assert engine.step() == 2 and engine.stats()["waiting"] == 1  # two KV slots, two prefills
+    engine.step()  # the short request's second token: it leaves
+    assert short.done and not long.done and engine.stats()["free_kv_slots"] == 1
+    late = engine.submit(PROMPTS[3], params=SamplingParams(max_tokens=MAX_TOKENS))
+    assert engine.step() == 2  # the waiting request joins the running one (prefill + decode in one step)
+    engine.run_until_done()
+    assert long.result().text.strip() == expected[1, 1]
+    assert waiting.result().text.strip() == expected[2, 2]
+    assert late.result().text.strip() == expected[3, None]
+    assert engine.stats()["free_kv_slots"] == 2 and engine.stats()["pool"]["pinned"] == 1  # the base-model slot
+
+
+def test_stream_events_add_up_to_the_answer(models, expected):
+    engine = _engine(models).start()
+    try:
+        handle = engine.submit(PROMPTS[4], adapter="video-2", params=SamplingParams(max_tokens=MAX_TOKENS))
+        events = list(handle)
+    finally:
+        engine.stop()
+    assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
+    assert events[-1].finish_reason == "length"
+    assert "".join(e.text for e in events) == handle.result().text
+    assert handle.result().text.strip() == expected[4, 2]
+
+
+def test_stop_string_ends_the_answer_and_never_reaches_the_stream(models, expected):
+    engine = _engine(models)
+    answer = engine.generate([PROMPTS[0]], ["video-0"], SamplingParams(max_tokens=MAX_TOKENS))[0].text
+    assert answer.strip() == expected[0, 0]
+    stop = answer[len(answer) // 2:len(answer) // 2 + 2]
+    handle = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=MAX_TOKENS, stop=[stop]))
+    engine.run_until_done()
+    completion = handle.result()
+    streamed = "".join(event.text for event in handle)
+    assert completion.finish_reason == "stop"
+    assert completion.text == streamed == answer[:answer.find(stop)]
+
+
+def test_end_of_sequence_stops_without_its_token(models, expected):
+    engine = _engine(models)
+    first = engine.generate([PROMPTS[1]], ["video-1"], SamplingParams(max_tokens=1))[0].token_ids[0]
+    engine.eos_ids = {first}
+    completion = engine.generate([PROMPTS[1]], ["video-1"], SamplingParams(max_tokens=MAX_TOKENS))[0]
+    assert completion.finish_reason == "stop" and completion.token_ids == [] and completion.text == ""
+
+
+def test_seeded_sampling_repeats_whatever_shares_the_batch(models):
+    engine = _engine(models, max_batch=8)
+    params = SamplingParams(max_tokens=MAX_TOKENS, temperature=1.5, top_p=0.9, seed=1234)
+    alone = engine.generate([PROMPTS[2]], ["video-0"], params)[0]
+    crowd = engine.generate(PROMPTS, ["video-0", "video-1", "video-2", None, "video-0"], params)
+    other_seed = engine.generate([PROMPTS[2]] * 4, ["video-0"] * 4,
+                                 SamplingParams(max_tokens=MAX_TOKENS, temperature=1.5, top_p=0.9))
+    assert crowd[2].token_ids == alone.token_ids
+    assert any(c.token_ids != alone.token_ids for c in other_seed)  # unseeded draws differ
+
+
+def test_top_p_keeps_only_the_nucleus():
+    from v2l_fast.serve.sampling import choose_tokens
+
+    logits = torch.log(torch.tensor([[0.6, 0.3, 0.1]]))
+    params = [SamplingParams(temperature=1.0, top_p=0.5)]
+    drawn = {choose_tokens(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(50)}
+    assert drawn == {0}
+    params = [SamplingParams(temperature=1.0, top_p=0.8)]
+    drawn = {choose_tokens(logits, params, [torch.Generator().manual_seed(s)])[0] for s in range(200)}
+    assert drawn == {0, 1}
+
+
+def test_adapters_rotate_through_a_small_pool(models, expected):
+    vlm, _, adapters = models
+    slot_bytes = 4 * 64 * (128 + 64) * 4  # L · max_rank · (I + H) · fp32
+    engine = _engine(models, max_batch=1, max_rank=64, pool_bytes=2 * slot_bytes)  # base slot + one more
+    order = [0, 1, 0, 2, 1]
+    answers = engine.generate([PROMPTS[0]] * len(order), [f"video-{v}" for v in order],
+                              SamplingParams(max_tokens=MAX_TOKENS))
+    assert [a.text.strip() for a in answers] == [expected[0, v] for v in order]
+    assert engine.stats()["pool"]["evictions"] == len(order) - 1
+
+
+def test_unfolded_engine_gives_the_same_answers(models, expected):
+    vlm, hypernet, adapters = models
+    engine = Engine(tiny_vlm(seed=7, longest_edge=64, max_frames=3), fold=False)
+    engine.add_adapter("v", adapters[1])
+    assert engine.folded is None and engine.pool.stats["resident"] == 0
+    assert [c.text.strip() for c in engine.generate(PROMPTS[:2], ["v", None], SamplingParams(max_tokens=MAX_TOKENS))] \
+        == [expected[0, 1], expected[1, None]]
+
+
+def test_adapters_from_a_store_folder_and_replacement(models, expected, tmp_path):
+    vlm, hypernet, adapters = models
+    store = AdapterStore(tmp_path, base=adapters.base)
+    store.put("clip", adapters[0])
+    engine = Engine(tiny_vlm(seed=7, longest_edge=64, max_frames=3), hypernet=hypernet, store=store)
+    assert engine.generate([PROMPTS[3]], ["clip"], SamplingParams(max_tokens=MAX_TOKENS))[0].text.strip() \
+        == expected[3, 0]
+    engine.add_adapter("clip", adapters[2], persist=True)  # replaced: the pool must not serve the old one
+    assert engine.generate([PROMPTS[3]], ["clip"], SamplingParams(max_tokens=MAX_TOKENS))[0].text.strip() \
+        == expected[3, 2]
+    assert engine.delete_adapter("clip") and "clip" not in engine.store
+    with pytest.raises(AdapterNotFound):
+        engine.submit(PROMPTS[3], adapter="clip")
+
+
+def test_background_thread_serves_many_threads(models, expected):
+    engine = _engine(models, max_batch=4)
+    cases = [(i % len(PROMPTS), (None, 0, 1, 2)[i % 4]) for i in range(24)]
+    results = [None] * len(cases)
+
+    def ask(i):
+        p, v = cases[i]
+        handle = engine.submit(PROMPTS[p], adapter=_adapter_id(v), params=SamplingParams(max_tokens=MAX_TOKENS))
+        results[i] = handle.result(timeout=120).text.strip()
+
+    with engine:
+        threads = [threading.Thread(target=ask, args=(i,)) for i in range(len(cases))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    assert results == [expected[c] for c in cases]
+
+
+def test_cancelled_requests_free_their_slot(models):
+    engine = _engine(models, max_batch=1)
+    running = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=MAX_TOKENS))
+    queued = engine.submit(PROMPTS[1], adapter="video-1")
+    engine.step()
+    running.cancel()
+    queued.cancel()
+    engine.run_until_done()
+    assert running.result().finish_reason == queued.result().finish_reason == "cancelled"
+    assert engine.stats()["free_kv_slots"] == 1 and engine.stats()["pool"]["pinned"] == 1
+
+
+def test_bad_requests_are_refused_up_front(models):
+    engine = _engine(models, max_len=48, max_queue=2)
+    with pytest.raises(AdapterNotFound, match="no-such"):
+        engine.submit("Hi", adapter="no-such")
+    with pytest.raises(ValueError, match=r"adapter_id: expected .*, got '\.\./x'"):
+        engine.submit("Hi", adapter="../x")
+    with pytest.raises(ValueError, match=r"prompt: expected at most 38 tokens with max_tokens 10 \(max_len 48\), got"):
+        engine.submit("word " * 20, params=SamplingParams(max_tokens=10))
+    with pytest.raises(ValueError, match=r"prompt: expected at most 47 tokens with max_tokens 1 \(max_len 48\), got"):
+        engine.submit("word " * 60)  # max_tokens None: whatever room is left, here none
+    image = engine.vlm.model.config.image_token_id
+    with pytest.raises(ValueError, match="prompt: expected text without image tokens"):
+        engine.submit(prompt_ids=[1, image, 2])
+    with pytest.raises(ValueError, match=r"messages\[0\].content: expected a string or a list of text parts"):
+        engine.submit([{"role": "user", "content": [{"type": "image"}]}])
+    with pytest.raises(ValueError, match="prompt: expected exactly one of prompt and prompt_ids, got both"):
+        engine.submit("Hi", prompt_ids=[1])
+    engine.submit("Hi")
+    engine.submit("Hi")
+    with pytest.raises(EngineFull, match="queue: expected fewer than 2 waiting requests, got 2"):
+        engine.submit("Hi")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_tokens": 0}, "max_tokens: expected an int >= 1 or None, got 0"),
+    ({"temperature": -1.0}, "temperature: expected a finite number >= 0, got -1.0"),
+    ({"top_p": 0.0}, r"top_p: expected a number in \(0, 1\], got 0.0"),
+    ({"stop": [""]}, "stop: expected a non-empty string or a list of them"),
+    ({"seed": -3}, r"seed: expected an int in \[0, 2\*\*63\) or None, got -3"),
+])
+def test_sampling_params_are_checked(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        SamplingParams(**kwargs)
+
+
+class _CharTokenizer:
+    """One character per token id (id = code point)."""
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(map(chr, ids))
+
+
+@pytest.mark.parametrize("text, stop, streamed, final", [
+    ("hello world", ("lo w",), ["h", "e", "", "l", "", "", ""], "hel"),  # stop split across tokens
+    ("abcab", ("abd",), ["", "", "abc", "", ""], "abcab"),  # a false start is released at the end
+    ("no stop here", ("zz",), list("no stop here"), "no stop here"),
+])
+def test_text_tracker_holds_back_what_may_become_a_stop_string(text, stop, streamed, final):
+    tracker = TextTracker(_CharTokenizer(), stop)
+    deltas = []
+    for ch in text:
+        deltas.append(tracker.add(ord(ch)))
+        if tracker.stopped:
+            break
+    assert deltas == streamed[:len(deltas)]
+    assert "".join(deltas) + tracker.finish() == final
