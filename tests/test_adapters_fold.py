@@ -9,7 +9,14 @@ import torch
 
 import v2l_fast
 from v2l_fast.adapters import Adapters, base_fingerprint
-from v2l_fast.adapters.fold import CONFIG_KEY, FoldedBias, bias_digest, fold_bias, folded_bias_of
+from v2l_fast.adapters.fold import (
+    CONFIG_KEY,
+    FoldedBias,
+    bias_digest,
+    fold_bias,
+    folded_bias_of,
+    read_folded_bias,
+)
 from v2l_fast.testing import rel_error, tiny_hypernet
 from v2l_fast.vlm import LoRAPatch, down_proj_targets
 from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
@@ -90,7 +97,12 @@ def test_fold_marks_config_and_survives_save(adapters, tmp_path):
 
     loaded = SmolVLMForConditionalGeneration.from_pretrained(tmp_path)
     assert getattr(loaded.config, CONFIG_KEY) == record.to_dict()
-    assert FoldedBias.from_dict(record.to_dict()) == record
+    assert FoldedBias.from_dict(record.to_dict()) == record and read_folded_bias(tmp_path) == record
+    _model().save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match=r"^directory: expected a folded base model \(config.json with "
+                       r"'v2l_fast_folded_bias', written by export_folded_base\), got '.*plain', whose config.json "
+                       r"has none$"):
+        read_folded_bias(tmp_path / "plain")
     with pytest.raises(ValueError, match=r"^model: expected a model whose down_proj weights hold no folded bias "
                        r"block yet, got a model already folded \(bias digest [0-9a-f]{12}…\)$"):
         fold_bias(loaded, *adapters.bias_block(), adapters.alpha)

@@ -290,6 +290,10 @@ def test_cli_export_peft(made, tmp_path, capsys):
     folded = load_smolvlm(tmp_path / "folded", dtype=torch.float32)
     reference = _patched_logits(_model(), adapters.A[1:2], adapters.B[1:2], adapters.alpha)
     assert rel_error(_peft_logits(tmp_path / "video1", folded.model), reference) < 1e-5
+    code, out, err = run(capsys, "export-peft", file, tmp_path / "video0", "--folded-base", tmp_path / "folded")
+    assert code == 0, err
+    reference = _patched_logits(_model(), adapters.A[:1], adapters.B[:1], adapters.alpha)
+    assert rel_error(_peft_logits(tmp_path / "video0", folded.model), reference) < 1e-5
     # bad input: one line on stderr, exit code 2, nothing written
     capsys.readouterr()  # the progress bars of the loads above
     code, _, err = run(capsys, "export-peft", file, tmp_path / "x", "--folded-base-out", tmp_path / "y")
@@ -302,4 +306,8 @@ def test_cli_export_peft(made, tmp_path, capsys):
     assert code == 2 and "--max-rank: expected one of vLLM's ranks" in err
     code, _, err = run(capsys, "export-peft", file, tmp_path / "plain")
     assert code == 2 and "OUT_DIR: expected a path that does not exist yet" in err
+    code, _, err = run(capsys, "export-peft", file, tmp_path / "x", "--folded-base", vlm_dir)
+    assert code == 2 and err.strip() == ("v2l-fast export-peft: error: directory: expected a folded base model "
+                                         "(config.json with 'v2l_fast_folded_bias', written by export_folded_base), "
+                                         f"got {str(vlm_dir)!r}, whose config.json has none")
     assert not (tmp_path / "x").exists() and not (tmp_path / "y").exists()

@@ -24,7 +24,9 @@ precision, not bitwise (tests/test_adapters_fold.py).
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import os
 from dataclasses import asdict, dataclass
 
 import torch
@@ -108,6 +110,21 @@ def folded_bias_of(model: torch.nn.Module) -> FoldedBias | None:
     """The `FoldedBias` a model carries (set by `fold_bias`, kept by ``save_pretrained``), or None."""
     record = getattr(getattr(model, "config", None), CONFIG_KEY, None)
     return FoldedBias.from_dict(record) if record else None
+
+
+def read_folded_bias(directory: str | os.PathLike) -> FoldedBias:
+    """The `FoldedBias` record in the ``config.json`` of a folded model saved with ``save_pretrained``
+    (e.g. by `v2l_fast.adapters.peft.export_folded_base`), without loading the model."""
+    path = os.path.join(os.fspath(directory), "config.json")
+    try:
+        with open(path, encoding="utf-8") as handle:
+            record = json.load(handle).get(CONFIG_KEY)
+    except (OSError, ValueError, AttributeError) as err:
+        fail("directory", "a saved model directory with a readable config.json", f"{path!r} ({err})")
+    if not record:
+        fail("directory", f"a folded base model (config.json with {CONFIG_KEY!r}, written by export_folded_base)",
+             f"{os.fspath(directory)!r}, whose config.json has none")
+    return FoldedBias.from_dict(record)
 
 
 def fold_bias(model: torch.nn.Module, bias_A: torch.Tensor, bias_B: torch.Tensor, alpha: float) -> FoldedBias:

@@ -9,6 +9,7 @@ import os
 import torch
 
 from v2l_fast.adapters import Adapters
+from v2l_fast.adapters.fold import read_folded_bias
 from v2l_fast.adapters.peft import CONFIG_FILE, VLLM_LORA_RANKS, export_folded_base, export_peft
 from v2l_fast.cli.common import DTYPES, check_files
 from v2l_fast.errors import fail
@@ -31,7 +32,8 @@ def add_parser(commands) -> None:
         "(adapter_config.json + adapter_model.safetensors, target down_proj, lora_alpha = r with alpha folded "
         "into lora_B). The rank is padded with zero rows to the next rank vLLM accepts. With --folded-base-out, "
         "the hypernetwork's shared bias block is folded into a copy of the base model written there, and OUT_DIR "
-        "holds the per-video rows only, for that base. See docs/peft_vllm.md.")
+        "holds the per-video rows only, for that base; with --folded-base, for a folded base written before. "
+        "See docs/peft_vllm.md.")
     export.add_argument("adapters_file", metavar="ADAPTERS_FILE",
                         help="adapters file written by `v2l-fast internalize`")
     export.add_argument("out_dir", metavar="OUT_DIR", help="PEFT adapter directory to create (must not exist)")
@@ -43,10 +45,13 @@ def add_parser(commands) -> None:
                         "pad the rank)")
     export.add_argument("--base-name", metavar="NAME",
                         help="base_model_name_or_path written to adapter_config.json (default: the name the adapters "
-                        "record, or the --folded-base-out directory)")
+                        "record, or the folded base directory)")
     export.add_argument("--folded-base-out", metavar="DIR",
                         help="also fold the bias block into the base model and save it to DIR (must not exist); "
                         "OUT_DIR then holds the per-video rows only, to be served on DIR. Needs --vlm")
+    export.add_argument("--folded-base", metavar="DIR",
+                        help="a folded base written before by --folded-base-out: export the per-video rows only, "
+                        "for it (its bias block is checked to be the adapters')")
     export.add_argument("--vlm", metavar="HUB_ID_OR_DIR",
                         help="the SmolVLM2 the adapters were made for (with --folded-base-out); its processor files "
                         "are copied to DIR")
@@ -67,6 +72,9 @@ def run_export_peft(args, device: torch.device) -> int:
     for name, path in outs:
         if os.path.lexists(path):
             fail(name, "a path that does not exist yet (an export never overwrites)", repr(path))
+    if args.folded_base_out and args.folded_base:
+        fail("--folded-base", "either --folded-base (an existing folded base) or --folded-base-out (a new one)",
+             "both")
     if args.folded_base_out:
         if os.path.abspath(args.folded_base_out) == os.path.abspath(args.out_dir):
             fail("--folded-base-out", "a directory other than OUT_DIR", repr(args.folded_base_out))
@@ -78,10 +86,12 @@ def run_export_peft(args, device: torch.device) -> int:
     adapters = Adapters.load(args.adapters_file)
     if not 0 <= args.index < len(adapters):
         fail("--index", f"an int in [0, {len(adapters)}) (the file holds {len(adapters)} adapters)", args.index)
-    folded = None
+    folded, folded_dir = None, args.folded_base_out or args.folded_base
     if args.folded_base_out:
         folded = _fold(args, adapters, device)
-    name = args.base_name or (os.path.abspath(args.folded_base_out) if folded is not None else None)
+    elif args.folded_base:
+        folded = read_folded_bias(args.folded_base)
+    name = args.base_name or (os.path.abspath(folded_dir) if folded_dir else None)
     export_peft(adapters, args.out_dir, index=args.index, base_model_name_or_path=name, max_rank=args.max_rank,
                 folded=folded)
     with open(os.path.join(args.out_dir, CONFIG_FILE), encoding="utf-8") as handle:
@@ -90,7 +100,7 @@ def run_export_peft(args, device: torch.device) -> int:
     how = f"re-compressed to {rank}" if rank < rows else f"+ {rank - rows} zero rows" if rank > rows else "as is"
     print(f"wrote {args.out_dir}: adapter {args.index} of {args.adapters_file}, rank {rank} = lora_alpha "
           f"({rows} adapter rows {how}), target down_proj")
-    base = args.folded_base_out or args.vlm or adapters.base.get("name") or "BASE_MODEL"
+    base = folded_dir or args.vlm or adapters.base.get("name") or "BASE_MODEL"
     print(f"serve: vllm serve {base} --enable-lora --max-lora-rank {rank} "
           f"--lora-modules video{args.index}={args.out_dir}")
     return 0
