@@ -24,6 +24,7 @@ from v2l_fast.adapters.peft import (
     import_peft,
     vllm_rank,
 )
+from v2l_fast.api import question_ids
 from v2l_fast.cli import main
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.reference.compose_adapters import truncate_rank
@@ -32,6 +33,8 @@ from v2l_fast.vlm import LoRAPatch, down_proj_targets, load_smolvlm
 from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
 
 peft = pytest.importorskip("peft")
+# peft 0.21 still calls a transformers method that transformers 5 deprecates.
+pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 SEED = 7
 KEY = "base_model.model.model.text_model.layers.{}.mlp.down_proj.lora_{}.weight"
@@ -112,6 +115,17 @@ def test_export_loads_in_peft_and_matches_lora_patch(adapters, tmp_path):
     reference = _patched_logits(_model(), adapters.A[1:2], adapters.B[1:2], adapters.alpha)
     assert rel_error(_peft_logits(out), reference) < 1e-5
     assert rel_error(_model()(input_ids=IDS).logits.detach(), reference) > 1e-2  # the adapter matters
+    # Greedy answers of the PEFT model equal v2l_fast's ask with the adapter.
+    vlm = tiny_vlm(model=_model())
+    prompt = "What happens in the video?"
+    ids = torch.tensor([question_ids(vlm.tokenizer, prompt)])
+    peft_model = peft.PeftModel.from_pretrained(_model(), out)
+    with torch.no_grad():
+        tokens = peft_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=8,
+                                     do_sample=False, pad_token_id=0, eos_token_id=2)
+    answer = vlm.tokenizer.decode(tokens[0, ids.shape[1]:], skip_special_tokens=True).strip()
+    assert answer == v2l_fast.api.ask(adapters[1], [prompt], vlm=vlm, max_new_tokens=8)[0]
+    assert answer != v2l_fast.api.ask(None, [prompt], vlm=vlm, max_new_tokens=8)[0]
 
 
 def test_rank_is_padded_to_a_vllm_rank(tmp_path):
@@ -221,6 +235,9 @@ def test_bad_input(adapters, tmp_path):
     with pytest.raises(ValueError, match=r"^rank: expected at most 512 \(vLLM's largest max_lora_rank\); pass "
                        r"max_rank to re-compress, got 513$"):
         export_peft(_random_adapters(513), tmp_path / "x")
+    with pytest.raises(ValueError, match=r"^vlm: expected a v2l_fast.vlm.VLM \(model, tokenizer and preprocessor, "
+                       r"e.g. from load_smolvlm\), got SmolVLMForConditionalGeneration$"):
+        export_folded_base(_model(), *adapters.bias_block(), adapters.alpha, tmp_path / "x")
     with pytest.raises(ValueError, match=r"^directory: expected a PEFT LoRA directory \(adapter_config.json and "
                        r"adapter_model.safetensors\), got '.*exists'$"):
         import_peft(tmp_path / "exists")

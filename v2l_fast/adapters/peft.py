@@ -144,6 +144,11 @@ def export_folded_base(vlm, bias_A: torch.Tensor, bias_B: torch.Tensor, alpha: f
     Returns:
         The `FoldedBias` record.
     """
+    from v2l_fast.vlm.load import VLM
+
+    if not isinstance(vlm, VLM):
+        fail("vlm", "a v2l_fast.vlm.VLM (model, tokenizer and preprocessor, e.g. from load_smolvlm)",
+             type(vlm).__name__)
     out_dir = _check_new_dir(out_dir, "out_dir")
     extra = _processor_files(os.fspath(source)) if source is not None else {}
     extra.setdefault("preprocessor_config.json", json.dumps(_preprocessor_dict(vlm.preprocessor), indent=1).encode())
