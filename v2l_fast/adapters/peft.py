@@ -97,7 +97,7 @@ def export_peft(adapters: Adapters, out_dir: str | os.PathLike, *, index: int = 
     A = adapters.A[index].detach().to(device="cpu", dtype=torch.float32)  # [L, R, I]
     B = adapters.B[index].detach().to(device="cpu", dtype=torch.float32)  # [L, R, H]
     bias_rank = adapters.bias_rank
-    if max_rank is not None and vllm_rank(A.shape[1]) > max_rank:
+    if max_rank is not None and A.shape[1] > max_rank:  # max_rank is a vLLM rank: padding stays within it
         from v2l_fast.ops import compose_adapters
 
         A, B = compose_adapters([A], [B], max_rank=max_rank)
