@@ -1,4 +1,9 @@
-"""``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order)."""
+"""``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order).
+
+``--segments N`` (or ``--segment-frames F``) internalizes each video as N consecutive segments in
+one batched pass and composes their adapters in rank space (`v2l_fast.long_video`);
+``--max-rank K`` re-compresses each video's generated rows to rank K (the bias block kept apart).
+"""
 
 from __future__ import annotations
 
@@ -21,14 +26,31 @@ def add_parser(commands) -> None:
     internalize.add_argument("--out", default="adapters.safetensors", help="adapters file to write "
                              "(default: adapters.safetensors)")
     internalize.add_argument("--batch-size", type=positive_int, help="videos per forward (default: all at once)")
-    internalize.add_argument("--max-frames", type=positive_int, help="frames sampled per video (default: 12)")
+    internalize.add_argument("--max-frames", type=positive_int, help="frames sampled per video, or per segment "
+                             "with --segments (default: 12)")
+    internalize.add_argument("--segments", type=positive_int, metavar="N",
+                             help="long videos: split each video into N consecutive segments, internalize them in "
+                             "one batched pass and compose their adapters (rank N·r + r)")
+    internalize.add_argument("--segment-frames", type=positive_int, metavar="F",
+                             help="long videos: segments of F frames each instead of --segments")
+    internalize.add_argument("--max-rank", type=positive_int, metavar="K",
+                             help="re-compress each video's generated rows to rank K (the bias block stays apart: "
+                             "rank K + r)")
     add_runtime_options(internalize)
     internalize.set_defaults(run=run_internalize)
 
 
 def run_internalize(args, device: torch.device) -> int:
-    """``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order)."""
+    """``v2l-fast internalize``: videos → one adapters file (one adapter per video, in order).
+
+``--segments N`` (or ``--segment-frames F``) internalizes each video as N consecutive segments in
+one batched pass and composes their adapters in rank space (`v2l_fast.long_video`);
+``--max-rank K`` re-compresses each video's generated rows to rank K (the bias block kept apart).
+"""
     check_files(args.videos, "video file")
+    if args.segments is not None and args.segment_frames is not None:
+        fail("--segments", "either --segments or --segment-frames, not both",
+             f"--segments {args.segments} and --segment-frames {args.segment_frames}")
     if not os.path.exists(args.hypernet):
         fail("--hypernet", "an existing checkpoint file or directory", repr(args.hypernet))
     out_dir = os.path.dirname(os.path.abspath(args.out))
@@ -44,10 +66,24 @@ def run_internalize(args, device: torch.device) -> int:
         session = v2l_fast.load(args.vlm, args.hypernet, dtype=DTYPES[args.dtype], device=device, **overrides)
     print(f"loaded {args.vlm} ({args.dtype}, {device}) and {args.hypernet} (rank {session.hypernet.config.rank}) "
           f"in {stage.seconds['load']:.1f} s")
+    long = args.segments is not None or args.segment_frames is not None or args.max_rank is not None
     with stage("internalize"):
-        adapters = session.internalize(args.videos, batch_size=args.batch_size)
+        if long:
+            from v2l_fast.long_video import internalize_long
+
+            adapters = internalize_long(args.videos, vlm=session.vlm, hypernet=session.hypernet,
+                                        segments=args.segments, segment_frames=args.segment_frames,
+                                        max_rank=args.max_rank, batch_size=args.batch_size)
+        else:
+            adapters = session.internalize(args.videos, batch_size=args.batch_size)
     adapters.save(args.out)
-    print(f"internalized {len(adapters)} videos in {stage.seconds['internalize']:.2f} s → A {shape(adapters.A)}, "
+    how = ""
+    if long:
+        split = f"{args.segments} segments" if args.segments else \
+            f"segments of {args.segment_frames} frames" if args.segment_frames else "1 segment"
+        how = f" ({split} each, composed{f', re-compressed to rank {args.max_rank}' if args.max_rank else ''}; " \
+              f"bias rank {adapters.bias_rank})"
+    print(f"internalized {len(adapters)} videos{how} in {stage.seconds['internalize']:.2f} s → A {shape(adapters.A)}, "
           f"B {shape(adapters.B)}, alpha {adapters.alpha:g} ({format_backends(device)})")
     for index, video in enumerate(args.videos):
         print(f"  adapter {index}: {video}")
