@@ -310,7 +310,7 @@ def test_client_disconnect_while_waiting_non_stream(world, monkeypatch):
 def test_upload_video_then_ask_then_delete(world):
     server, client, twin = world["server"], world["client"], world["twin"]
     video = str(world["folder"] / "upload.mp4")
-    write_test_video(video, num_frames=5, seed=11)
+    write_test_video(video, num_frames=16, seed=11)  # 4 s at 4 fps: 3 frames at 1 fps
     with open(video, "rb") as f:
         response = httpx.post(f"{server.url}/v1/adapters", files={"file": ("upload.mp4", f, "video/mp4")},
                               data={"id": "uploaded"}, timeout=120)

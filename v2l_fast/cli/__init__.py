@@ -21,7 +21,7 @@ import sys
 from collections.abc import Sequence
 
 import v2l_fast
-from v2l_fast.cli import ask, demo, evaluate, export_peft, info, internalize, replicate, teacher, train, world
+from v2l_fast.cli import ask, demo, evaluate, export_peft, info, internalize, replicate, serve, teacher, train, world
 from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
 
 __all__ = ["build_parser", "main"]
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(Frames2LoRA), then answer questions with zero visual tokens.")
     parser.add_argument("--version", action="version", version=f"%(prog)s {v2l_fast.__version__}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=Parser)
-    for command in (demo, internalize, ask, info, export_peft, teacher, world, train, evaluate, replicate):
+    for command in (demo, internalize, ask, serve, info, export_peft, teacher, world, train, evaluate, replicate):
         command.add_parser(commands)
     return parser
 
