@@ -8,7 +8,13 @@ Tiny random models (a 3-frame, 64-pixel SmolVLM2 and a small Frames2LoRA) keep i
 from __future__ import annotations
 
 import json
+import os
+import queue
+import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -503,3 +509,57 @@ def test_unfolded_copy_shares_all_but_down_proj(world):
                                                                    down_proj_targets(twin.model)))
     with pytest.raises(ValueError, match="folded"):
         unfolded_copy(vlm)
+
+
+def test_cli_serve_embedded_default(tmp_path):
+    """``v2l-fast serve`` on the embedded default: the sample clips are adapters at once, and their
+    answers are `ask`'s; Ctrl-C stops it cleanly."""
+    import v2l_fast
+    from v2l_fast.data.embedded import embedded_default
+
+    command = [sys.executable, "-m", "v2l_fast", "serve", "--port", "0", "--device", "cpu", "--log-level", "warning",
+               "--adapters-dir", str(tmp_path)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                               env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines: queue.Queue[str] = queue.Queue()
+    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    try:
+        seen = []
+        while not any("base_url" in line for line in seen):
+            seen.append(lines.get(timeout=120))
+        base_url = re.search(r"base_url (\S+)", seen[-1]).group(1)
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                httpx.get(base_url.replace("/v1", "/health"), timeout=5).raise_for_status()
+                break
+            except httpx.TransportError:
+                assert time.monotonic() < deadline, seen
+                time.sleep(0.1)
+        embedded = embedded_default()
+        clip, rows = embedded.clips[0]
+        clip_id = os.path.splitext(os.path.basename(clip))[0]
+        client = openai.OpenAI(base_url=base_url, api_key="x", max_retries=0, timeout=60)
+        assert clip_id in [m.id for m in client.models.list().data]
+        question = rows[0].prompt
+        answer = client.chat.completions.create(model=clip_id, messages=[{"role": "user", "content": question}],
+                                                max_tokens=16).choices[0].message.content
+        session = v2l_fast.load(embedded.vlm, embedded.hypernet, dtype=torch.float32, device="cpu")
+        assert answer.strip() == session.ask(session.internalize([clip]), [question], max_new_tokens=16)[0]
+        assert not list(tmp_path.iterdir())  # the samples are in memory, not in the adapters folder
+    finally:
+        process.send_signal(signal.SIGINT)
+        code = process.wait(30)
+    assert code == 0, "".join(seen)
+
+
+def test_cli_serve_refuses_bad_options(capsys):
+    from v2l_fast.cli import main
+
+    assert main(["serve", "--vlm", "x"]) == 2
+    assert "--vlm/--hypernet" in capsys.readouterr().err
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        assert main(["serve", "--port", str(taken.getsockname()[1]), "--device", "cpu"]) == 2
+    assert "free to listen on" in capsys.readouterr().err

@@ -188,6 +188,8 @@ def run_serve(args, device: torch.device) -> int:
     started = time.perf_counter()
     try:
         server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
+        pass
     finally:
         engine.stop()
         sock.close()

@@ -57,7 +57,7 @@ from v2l_fast.adapters.core import Adapters
 from v2l_fast.adapters.fold import folded_bias_of
 from v2l_fast.adapters.store import AdapterNotFound, check_adapter_id
 from v2l_fast.errors import fail
-from v2l_fast.serve.engine import Engine, EngineFull, RequestHandle, StreamEvent
+from v2l_fast.serve.engine import Completion, Engine, EngineFull, RequestHandle, StreamEvent
 from v2l_fast.serve.sampling import SamplingParams
 from v2l_fast.vlm.load import VLM
 
@@ -404,15 +404,20 @@ def _messages(chat: ChatRequest) -> list[dict]:
 
 
 class _Events:
-    """A `RequestHandle`'s events, delivered into the event loop by a daemon thread."""
+    """A `RequestHandle`'s events, delivered into the event loop by a daemon thread; when the
+    last one (with a finish reason) arrives, ``completion`` is already set."""
 
     def __init__(self, handle: RequestHandle, loop: asyncio.AbstractEventLoop):
         self.handle = handle
+        self.completion: Completion | None = None
         self.queue: asyncio.Queue[StreamEvent] = asyncio.Queue()
         threading.Thread(target=self._pump, args=(loop,), name=f"v2l-fast-{handle.request_id}", daemon=True).start()
 
     def _pump(self, loop: asyncio.AbstractEventLoop) -> None:
         for event in self.handle:
+            if event.finish_reason is not None:
+                # the engine emits the last event just before it records the completion: wait here
+                self.completion = self.handle.result(60)
             try:
                 loop.call_soon_threadsafe(self.queue.put_nowait, event)
             except RuntimeError:  # the loop is closed: nobody will read the rest
@@ -628,7 +633,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
                 events.handle.cancel()
         if event.finish_reason not in ("stop", "length"):
             raise _finish_error(event)
-        done = events.handle.result(0)
+        done = events.completion
         return {**head, "object": "chat.completion",
                 "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(text)},
                              "finish_reason": event.finish_reason, "logprobs": None}],
@@ -649,7 +654,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         if event.finish_reason in ("stop", "length"):
             yield chunk({}, event.finish_reason)
             if include_usage:
-                done = events.handle.result(0)
+                done = events.completion
                 yield _sse({**head, "object": "chat.completion.chunk", "choices": [],
                             "usage": usage(done.prompt_tokens, done.completion_tokens)})
         else:
