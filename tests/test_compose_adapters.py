@@ -253,3 +253,62 @@ def test_auto_never_chooses_the_interpreter():
 def test_bad_input_is_refused_before_the_kernel(kwargs, message):
     with pytest.raises(ValueError, match=message):
         ops.compose_adapters(**kwargs, backend="triton")
+
+
+_COMPILE_WORKER = """
+import json, sys
+sys.path.insert(0, {tests!r})
+import torch
+import test_kernels_compile as tkc
+from v2l_fast.kernels import compose_adapters as K
+
+problem = tkc._toolchain_problem([90])
+if problem:
+    print(json.dumps({{"skip": problem}}))
+    sys.exit(0)
+L, I, H, r = 30, 1536, 576, 16
+rows, seen = [], set()
+for dtype in (torch.float32, torch.float16, torch.bfloat16):
+    for max_rank in (None, r):
+        As = [torch.randn(L, r, I).to(dtype) for _ in range(4)]
+        Bs = [torch.randn(L, r, H).to(dtype) for _ in range(4)]
+        with tkc._recorded_launches([K._compose_pass_kernel], [K.ComposePass], tkc.SM_COUNT[90]) as launches:
+            try:
+                K.compose_adapters(As, Bs, None, None, max_rank)
+            except Exception:
+                pass  # the launches are recorded, not run: what follows them may fail on empty outputs
+        for kernel, args, kwargs in launches:
+            row = tkc._compile(kernel, args, kwargs, 90, seen)
+            if row is not None:
+                rows.append(row)
+print(json.dumps({{"rows": rows}}, default=str))
+"""
+
+
+def test_kernel_compiles_for_sm90():
+    """The kernel's launches at the 256M shapes (fp32, fp16, bf16; with and without the Gram)
+    compile to sm_90 cubins with triton's NVIDIA backend, without a GPU (tests/test_kernels_compile.py's
+    recorder and compiler, in a subprocess without the interpreter)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    tests = str(Path(__file__).resolve().parent)
+    with tempfile.TemporaryDirectory() as cache:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.update(TRITON_CACHE_DIR=cache, TRITON_ALWAYS_COMPILE="1", TRITON_DUMP_PTXAS_LOG="1")
+        proc = subprocess.run([sys.executable, "-c", _COMPILE_WORKER.format(tests=tests)], env=env,
+                              capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    if "skip" in report:
+        pytest.skip(report["skip"])
+    rows = report["rows"]
+    assert len(rows) == 6, rows  # 3 dtypes × (concatenation only, with the Gram)
+    for row in rows:
+        assert "error" not in row, row.get("error")
+        assert row["ptx_has_entry"] and row["cubin_bytes"] > 0
+        assert row["spill_stores"] in (0, None), row
