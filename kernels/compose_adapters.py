@@ -264,6 +264,8 @@ def recompress(A: torch.Tensor, B: torch.Tensor, gram_a: torch.Tensor, gram_b: t
     """
     R, I, O = A.shape[-2], A.shape[-1], B.shape[-1]
     k = min(k, R, I, O)
+    if k == 0 or A.shape[:-2].numel() == 0:
+        return A.new_zeros(*A.shape[:-2], k, I), B.new_zeros(*B.shape[:-2], k, O)
     eps = torch.finfo(gram_a.dtype).eps
     tol = max(R, 1) * eps
     V_a, root_a, inv_a = _roots(gram_a.double(), tol)

@@ -192,10 +192,14 @@ def test_more_rows_than_one_program_holds(device, poisoned):
     assert_recompression_matches(A_k, B_k, As, Bs, torch.float32, max_rank=12)
 
 
-def test_empty_leading_dims(device):
+def test_empty_leading_dims_and_rank_zero(device):
     As, Bs = segments([2, 3], 8, 5, lead=(0, 4), device=device)
     A, B = call(As, Bs, "triton", max_rank=2)
     assert A.shape == (0, 4, 2, 8) and B.shape == (0, 4, 2, 5)
+    As, Bs = segments([0, 0], 8, 5, lead=(2,), device=device)
+    for max_rank in (None, 3):
+        A, B = call(As, Bs, "triton", max_rank=max_rank)
+        assert A.shape == (2, 0, 8) and B.shape == (2, 0, 5)
 
 
 def test_gradients_match_the_reference(device):
