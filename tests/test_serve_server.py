@@ -486,6 +486,19 @@ def test_limits_429_and_413_on_a_tiny_server(world):
                          "too_many_uploads")
             release.set()
             assert_error(first.result(), 400, "invalid_adapter")
+        # clients that go away in the middle of their body free their places
+        port = int(server.url.rsplit(":", 1)[1])
+        for path in ("/v1/adapters/gone", "/v1/chat/completions"):
+            with socket.create_connection(("127.0.0.1", port)) as sock:
+                sock.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n".encode() + b"x" * 10)
+                time.sleep(0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            stats = httpx.get(f"{server.url}/v1/stats", timeout=30).json()
+            if stats["uploads_in_flight"] == 0 and stats["chat_requests_in_flight"] == 0:
+                break
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.02)
         # the engine starts: the cancelled request leaves, and the server answers
         engine.start()
         wait_idle(engine, slots=2)

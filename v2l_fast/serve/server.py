@@ -49,9 +49,10 @@ from dataclasses import dataclass
 import anyio
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from pydantic import BaseModel, ConfigDict, StrictBool, StrictInt, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from v2l_fast.adapters.core import Adapters
 from v2l_fast.adapters.fold import folded_bias_of
@@ -531,6 +532,10 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         param = ".".join(str(part) for part in first.get("loc", ())) or None
         error = ApiError(400, f"{param}: {first.get('msg', 'invalid value')}", param=param)
         return JSONResponse(error.body(), status_code=400)
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, err: ClientDisconnect):
+        return Response(status_code=499)  # no one reads it; the request's slots are already released
 
     @app.exception_handler(Exception)
     async def internal_error(request: Request, err: Exception):
