@@ -222,6 +222,10 @@ def test_models_list_base_and_adapters(world):
     ids = [m.id for m in models.data]
     assert ids[0] == "base" and {"clip-0", "clip-1", "clip-2"} <= set(ids)
     assert all(m.object == "model" for m in models.data)
+    assert world["client"].models.retrieve("clip-1").parent == "base"
+    assert world["client"].models.retrieve("base").id == "base"
+    with pytest.raises(openai.NotFoundError):
+        world["client"].models.retrieve("nothing-here")
     listed = httpx.get(f"{world['server'].url}/v1/adapters", timeout=30).json()
     assert {"clip-0", "clip-1", "clip-2"} <= {a["id"] for a in listed["data"]}
 

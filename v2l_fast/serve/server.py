@@ -9,7 +9,7 @@ Endpoints (docs/serving.md has the details and examples):
 * ``POST /v1/chat/completions`` — text-only chat; ``model`` is an adapter id (as vLLM names
   LoRA adapters) or the served base-model name for no adapter; ``stream: true`` answers with
   server-sent ``chat.completion.chunk`` events and ``data: [DONE]``.
-* ``GET /v1/models`` — the base model and every stored adapter.
+* ``GET /v1/models`` (and ``/v1/models/{model}``) — the base model and every stored adapter.
 * ``POST /v1/adapters`` — upload a video (multipart field ``file``, or the raw body), internalize
   it into an adapter and store it under ``id`` (given or generated).
 * ``POST /v1/adapters/{id}`` / ``PUT /v1/adapters/{id}`` — upload a v2l_fast adapters
@@ -678,6 +678,12 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         ids = await anyio.to_thread.run_sync(engine.store.ids)
         return {"object": "list", "data": [model_card(served_model_name, None)]
                 + [model_card(i, served_model_name) for i in ids if i != served_model_name]}
+
+    @app.get("/v1/models/{model}")
+    async def get_model(model: str):
+        """One model card: the base model or a stored adapter (404 otherwise)."""
+        adapter = adapter_of(model)
+        return model_card(model, None if adapter is None else served_model_name)
 
     def adapter_card(adapter_id: str, adapters: Adapters | None = None, **extra) -> dict:
         card = {"id": adapter_id, "object": "adapter", "model": served_model_name}
