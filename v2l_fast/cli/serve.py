@@ -27,7 +27,8 @@ def add_parser(commands) -> None:
         "serve", help="OpenAI-compatible HTTP server: chat completions with a video's adapter as the model, video "
         "uploads internalized into adapters (default: the embedded toy model with its sample clips loaded)",
         description="Serve /v1/chat/completions (stream or not), /v1/models and /v1/adapters (upload a video or "
-        "an adapters file, list, delete) with continuous batching over many adapters. See docs/serving.md.")
+        "an adapters file, list, delete) with continuous batching over many adapters. --dtype applies to --vlm (the "
+        "embedded toy model runs in fp32). See docs/serving.md.")
     models = serve.add_argument_group("models")
     models.add_argument("--vlm", metavar="HUB_ID_OR_DIR",
                         help="a SmolVLM2 (hub id or directory), with --hypernet (default: the embedded toy model)")
