@@ -17,7 +17,9 @@ beside the video in context (``video``) and no adapter (``none``) for scale. For
 reports accuracy (`is_correct`, overall and per question type), agreement with the single-shot
 answers (first k words equal, k = the target's word count, as `EvalReport.agreement`), the
 adapter rank, the wall time, and for re-compressed adapters the relative ΔW change it made
-(‖ΔW_k − ΔW‖ / ‖ΔW‖ of the per-video rows, averaged over clips and layers).
+(‖ΔW_k − ΔW‖ / ‖ΔW‖ of the per-video rows, averaged over clips and layers), for composed ones
+the share of ‖ΔW‖² in the top r singular values (``top_r_energy``: how much a re-compression to
+the single-shot rank can keep).
 """
 
 from __future__ import annotations
@@ -87,6 +89,13 @@ def _delta_change(full: v2l_fast.Adapters, small: v2l_fast.Adapters) -> float:
     return float(((d_small - d_full).flatten(-2).norm(dim=-1) / d_full.flatten(-2).norm(dim=-1)).mean())
 
 
+def _top_energy(adapters: v2l_fast.Adapters, k: int) -> float:
+    """Mean over clips and layers of the share of ‖ΔW‖² (per-video rows) in its top k singular values."""
+    g = adapters.without_bias()
+    s2 = torch.linalg.svdvals(g.B.double().mT @ g.A.double()).pow(2)
+    return float((s2[..., :k].sum(-1) / s2.sum(-1)).mean())
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--clips", type=int, default=40, help="fresh held-out clips (4 questions each at most)")
@@ -143,6 +152,8 @@ def main() -> None:
                 if max_rank:
                     full = adapters_of[name.rsplit("-rk", 1)[0]]
                     results[name]["delta_rel_change"] = _delta_change(full, adapters)
+                else:
+                    results[name]["top_r_energy"] = _top_energy(adapters, r)
     start = time.perf_counter()
     answers["video"] = []
     for s in range(0, len(rows), args.batch_size):
