@@ -48,7 +48,7 @@ from v2l_fast.vlm.factory import SMOLVLM2_SHAPES, smolvlm_config
 from v2l_fast.vlm.lora_patch import LoRAPatch, decoder_layers
 
 import harness
-from peers import AUTHORS_ENV, authors_adapters, authors_code, authors_hypernet
+from peers import AUTHORS_ENV, authors_adapters, authors_code, authors_hypernet, peft_lora_model
 from workloads import NUM_HEADS, D, Q, block_flops, context_length, projection_flops
 
 ON_GPU = torch.cuda.is_available()
@@ -331,25 +331,6 @@ def random_adapters(model, batch: int):
     return A, B
 
 
-def peft_mixed_batch(model, A, B):
-    """Wrap ``model`` with peft: one LoRA adapter per batch row on every down_proj (weights copied
-    in). Returns the PeftModel and the adapter names; undo with ``peft_model.unload()``."""
-    from peft import LoraConfig, get_peft_model
-
-    config = LoraConfig(r=ADAPTER_RANK, lora_alpha=ALPHA * ADAPTER_RANK, target_modules=["down_proj"])
-    names = [f"video{i}" for i in range(A.shape[0])]
-    layers = decoder_layers(model)
-    peft_model = get_peft_model(model, config, adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.add_adapter(name, config)
-    with torch.no_grad():
-        for l, layer in enumerate(layers):
-            for i, name in enumerate(names):
-                layer.mlp.down_proj.lora_A[name].weight.copy_(A[i, l])
-                layer.mlp.down_proj.lora_B[name].weight.copy_(B[i, l].T)
-    return peft_model.eval(), names
-
-
 def _serving_skip(name: str, batch: int, provider: str) -> str | None:
     if provider == "triton" and not ON_GPU:
         return TRITON_ON_CPU
@@ -381,7 +362,7 @@ def test_serve(benchmark, bench_record, name, batch, provider):
     A, B = random_adapters(model, batch)
     patch, peft_model, runner = None, None, model
     if provider == "peft":
-        peft_model, names = peft_mixed_batch(model, A, B)
+        peft_model, names = peft_lora_model(model, A, B, ALPHA)
         runner, kwargs["adapter_names"] = peft_model, names
     elif provider != "base":
         patch = LoRAPatch([layer.mlp.down_proj for layer in decoder_layers(model)], A, B, ALPHA, backend=provider)

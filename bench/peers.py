@@ -1,4 +1,5 @@
-"""The authors' code as a benchmark peer, imported from ``$V2L_AUTHORS_CODE`` (never part of v2l_fast).
+"""Benchmark peers: the authors' code, imported from ``$V2L_AUTHORS_CODE`` (never part of
+v2l_fast), and peft's multi-adapter LoRA (`peft_lora_model`).
 
 FRAMES2LORA_SPEC describes package ``ctx_to_lora`` of video2lora/Video2LoRA. The benchmarks
 import it from the paths in ``$V2L_AUTHORS_CODE`` (os.pathsep-separated: the repository's
@@ -98,3 +99,29 @@ def authors_adapters(theirs, features: torch.Tensor) -> tuple[torch.Tensor, torc
     ones = torch.ones(features.shape[0], dtype=torch.long, device=features.device)
     combined = code.combine_lora(loras, ones, lora_bias=theirs.get_head_bias())["down_proj"]
     return combined["A"], combined["B"]
+
+
+def peft_lora_model(model, A: torch.Tensor, B: torch.Tensor, alpha: float):
+    """Wrap ``model`` with peft: adapter i (``A [n, L, R, I]``, ``B [n, L, R, H]``, delta
+    ``alpha · (x Aᵀ) B``) as LoRA adapter ``video{i}`` on every down_proj, weights copied in.
+
+    peft scales by ``lora_alpha / r``, so ``lora_alpha = alpha · R``. Returns the PeftModel (eval
+    mode) and the adapter names; pass ``adapter_names=`` to ``generate`` for a mixed batch, or
+    ``set_adapter`` one at a time. Undo with ``peft_model.unload()``.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    from v2l_fast.vlm.lora_patch import down_proj_targets
+
+    rank = A.shape[2]
+    config = LoraConfig(r=rank, lora_alpha=alpha * rank, target_modules=["down_proj"])
+    names = [f"video{i}" for i in range(A.shape[0])]
+    peft_model = get_peft_model(model, config, adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.add_adapter(name, config)
+    with torch.no_grad():
+        for l, down in enumerate(down_proj_targets(peft_model)):
+            for i, name in enumerate(names):
+                down.lora_A[name].weight.copy_(A[i, l])
+                down.lora_B[name].weight.copy_(B[i, l].T)
+    return peft_model.eval(), names

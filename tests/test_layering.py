@@ -22,7 +22,7 @@ LAYERS = {
     "v2l_fast.ops": "ops",
     "v2l_fast.hypernet": "models", "v2l_fast.vlm": "models", "v2l_fast.compat": "models",
     "v2l_fast.adapters": "stack", "v2l_fast.api": "stack", "v2l_fast.data": "stack", "v2l_fast.train": "stack",
-    "v2l_fast.serve": "stack",
+    "v2l_fast.serve": "stack", "v2l_fast.long_video": "stack",
     "v2l_fast.cli": "cli", "v2l_fast.__main__": "cli",
     "v2l_fast.testing": "testing",
     "v2l_fast": "package",  # the lazy top-level facade (build_info, __getattr__)

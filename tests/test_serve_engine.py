@@ -69,12 +69,14 @@ def _adapter_id(video):
 def test_packed_decoder_logits_equal_the_model_forward_for_prefill_and_decode():
     model = random_smolvlm("tiny", seed=1).eval()
     decoder = PackedDecoder(model, num_slots=4, max_len=32)
-    first, second = [5, 9, 22, 31, 7], [3, 4, 8]
+    first, second, third = [5, 9, 22, 31, 7], [3, 4, 8], [6, 6, 17]  # second and third share one attention call
     none = [torch.zeros(1, 1, 128)] * 4, [torch.zeros(1, 1, 64)] * 4, torch.zeros(1, dtype=torch.int64)
-    prefill = decoder.forward(PackedBatch.build([(first, 0, 0, -1), (second, 0, 2, -1)], 0, "cpu"), *none, 1.0)
+    batch = PackedBatch.build([(first, 0, 0, -1), (second, 0, 2, -1), (third, 0, 3, -1)], 0, "cpu")
+    assert batch.prefill_groups == [(0, 1, 5), (5, 2, 3)]
+    prefill = decoder.forward(batch, *none, 1.0)
     decode = decoder.forward(PackedBatch.build([([11], 5, 0, -1), ([12], 3, 2, -1)], 2, "cpu"), *none, 1.0)
     with torch.no_grad():
-        for got, ids in ((prefill[0], first), (prefill[1], second), (decode[0], first + [11]),
+        for got, ids in ((prefill[0], first), (prefill[1], second), (prefill[2], third), (decode[0], first + [11]),
                          (decode[1], second + [12])):
             want = model(input_ids=torch.tensor([ids])).logits[0, -1]
             torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
@@ -116,6 +118,7 @@ def test_stream_events_add_up_to_the_answer(models, expected):
         events = list(handle)
     finally:
         engine.stop()
+        assert handle.done  # the result is there as soon as the last event is
     assert [e.finish_reason for e in events[:-1]] == [None] * (len(events) - 1)
     assert events[-1].finish_reason == "length"
     assert "".join(e.text for e in events) == handle.result().text
@@ -230,6 +233,9 @@ def test_cancelled_requests_free_their_slot(models):
     engine.run_until_done()
     assert running.result().finish_reason == queued.result().finish_reason == "cancelled"
     assert engine.stats()["free_kv_slots"] == 1 and engine.stats()["pool"]["pinned"] == 1
+    never_run = engine.submit(PROMPTS[2])
+    engine.stop()  # no thread was started: what is queued is cancelled, nobody waits forever
+    assert never_run.result(timeout=1).finish_reason == "cancelled"
 
 
 def test_bad_requests_are_refused_up_front(models):

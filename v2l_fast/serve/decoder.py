@@ -7,7 +7,8 @@ request, then each prefill's prompt), so every projection is one GEMM over all T
 ``down_proj`` LoRA is one `lora_sgmv` call per layer with one segment per request
 (``seg_adapter``: the request's slot in the `AdapterPool`, −1 for the base model). Only
 attention is per request: a decode token attends over its slot of the `SlotKVCache` (one batched
-masked SDPA over the decoding requests), a prefill attends causally over its own prompt.
+masked SDPA over the decoding requests), a prefill attends causally over its own prompt (one SDPA
+call per run of equal-length prefills; the engine sorts each step's prefills by length).
 
 The layers are the model's own modules (Llama family: RMSNorm, rotary embedding, grouped-query
 attention, SwiGLU MLP), called piece by piece, so the weights and numerics are transformers'
@@ -46,7 +47,8 @@ class PackedBatch:
         seg_indptr: ``[S+1]`` token offsets of the sequences.
         seg_adapter: ``[S]`` `AdapterPool` slot of each sequence, −1 for none.
         num_decode: D, how many leading sequences decode.
-        prefill_spans: ``(start, length)`` of each prefill (host ints, for the attention loop).
+        prefill_groups: ``(start, count, length)`` of each run of consecutive prefills of one
+            length (host ints): one causal attention call per run, not per prefill.
         max_context: the longest decode context (keys read per decoding request).
         any_adapter: whether any sequence has an adapter (else the LoRA is skipped).
     """
@@ -57,18 +59,22 @@ class PackedBatch:
     seg_indptr: torch.Tensor
     seg_adapter: torch.Tensor
     num_decode: int
-    prefill_spans: list[tuple[int, int]]
+    prefill_groups: list[tuple[int, int, int]]
     max_context: int
     any_adapter: bool
 
     @classmethod
     def build(cls, sequences: list[tuple[list[int], int, int, int]], num_decode: int, device) -> PackedBatch:
         """Pack ``sequences`` of ``(token_ids, first_position, kv_slot, adapter_slot)``, decodes
-        first, into tensors on ``device`` (built on the host, one copy each, no device sync)."""
-        ids, positions, slots, indptr, spans = [], [], [], [0], []
+        first, into tensors on ``device`` (built on the host, one copy each, no device sync).
+        Prefills of equal length placed side by side share one attention call."""
+        ids, positions, slots, indptr, groups = [], [], [], [0], []
         for s, (tokens, start, kv_slot, _) in enumerate(sequences):
             if s >= num_decode:
-                spans.append((len(ids), len(tokens)))
+                if groups and groups[-1][2] == len(tokens):
+                    groups[-1][1] += 1
+                else:
+                    groups.append([len(ids), 1, len(tokens)])
             ids += tokens
             positions += range(start, start + len(tokens))
             slots += [kv_slot] * len(tokens)
@@ -80,7 +86,7 @@ class PackedBatch:
             return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
         return cls(as_tensor(ids), as_tensor(positions), as_tensor(slots), as_tensor(indptr), as_tensor(adapters),
-                   num_decode, spans, max_context, any(a >= 0 for a in adapters))
+                   num_decode, [tuple(g) for g in groups], max_context, any(a >= 0 for a in adapters))
 
 
 class SlotKVCache:
@@ -200,9 +206,10 @@ class PackedDecoder:
             visible = torch.arange(ctx, device=h.device) <= batch.positions[:D, None]  # [D, ctx]
             out[:D] = F.scaled_dot_product_attention(q[:D, :, None], k_ctx, v_ctx, attn_mask=visible[:, None, None],
                                                      scale=scale, enable_gqa=True)[:, :, 0]
-        for start, length in batch.prefill_spans:
-            span = slice(start, start + length)
-            out[span] = F.scaled_dot_product_attention(
-                q[span].transpose(0, 1)[None], k[span].transpose(0, 1)[None], v[span].transpose(0, 1)[None],
-                is_causal=True, scale=scale, enable_gqa=True)[0].transpose(0, 1)
+        for start, count, length in batch.prefill_groups:
+            span = slice(start, start + count * length)
+            # [count · length, heads, d] → [count, heads, length, d]
+            q_g, k_g, v_g = (t[span].unflatten(0, (count, length)).transpose(1, 2) for t in (q, k, v))
+            out[span] = F.scaled_dot_product_attention(q_g, k_g, v_g, is_causal=True, scale=scale,
+                                                       enable_gqa=True).transpose(1, 2).flatten(0, 1)
         return attn.o_proj(out.flatten(1))

@@ -362,7 +362,7 @@ class Engine:
         """One engine iteration: admit, one packed forward, one token per request. Returns how
         many requests took part (0: nothing to do)."""
         self._drop_cancelled()
-        prefills = self._admit()
+        prefills = sorted(self._admit(), key=lambda r: len(r.prompt_ids))  # equal lengths share attention
         decodes = list(self._running)
         if not decodes and not prefills:
             return 0
@@ -440,10 +440,10 @@ class Engine:
             self.pool.release(request.pool_slot)
         request.kv_slot = request.pool_slot = -1
         handle, end = request.handle, time.perf_counter()
-        handle._emit(StreamEvent(text, reason, error))
-        handle._finish(Completion(
+        handle._finish(Completion(  # before the last event: its reader may ask for the result at once
             handle.request_id, request.tracker.text, list(request.generated), reason, len(request.prompt_ids), error,
             None if request.first_token is None else request.first_token - request.submitted, end - request.submitted))
+        handle._emit(StreamEvent(text, reason, error))
 
     def run_until_done(self) -> None:
         """Step until no request is waiting or running (the synchronous way to drive the engine)."""
@@ -483,14 +483,14 @@ class Engine:
         return self
 
     def stop(self, timeout: float | None = 30.0) -> None:
-        """Stop the thread after its current step; requests still queued are cancelled."""
-        if self._thread is None:
-            return
-        with self._lock:
-            self._stopping = True
-            self._wake.notify()
-        self._thread.join(timeout)
-        self._thread = None
+        """Stop the thread (if started) after its current step; requests still running or
+        queued are cancelled."""
+        if self._thread is not None:
+            with self._lock:
+                self._stopping = True
+                self._wake.notify()
+            self._thread.join(timeout)
+            self._thread = None
         for request in list(self._running) + list(self._waiting):
             self._finish(request, "cancelled")
         self._waiting.clear()
