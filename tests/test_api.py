@@ -109,6 +109,10 @@ def test_adapters_save_load_and_refuse_another_base(tmp_path, session, clip):
         Adapters.load(not_adapters)
     with pytest.raises(ValueError, match="cannot read adapters"):
         Adapters.load(tmp_path / "missing.safetensors")
+    from v2l_fast.adapters import FORMAT
+    save_file({"A": adapters.A, "B": adapters.B}, not_adapters, metadata={"format": FORMAT})
+    with pytest.raises(ValueError, match="metadata is incomplete or malformed .KeyError: 'alpha'"):
+        Adapters.load(not_adapters)
 
 
 def test_adapters_indexing_and_concatenation(session, clip):

@@ -171,8 +171,15 @@ class Adapters:
         except (SafetensorError, FileNotFoundError, OSError) as err:
             fail("path", "a readable v2l_fast adapters file", f"{path!r}, from which safetensors cannot read adapters: "
                  f"{err}")
-        adapters = cls(A, B, float(metadata["alpha"]), json.loads(metadata["base"]),
-                       int(metadata.get("bias_rank", "0")))
+        try:
+            alpha, base = float(metadata["alpha"]), json.loads(metadata["base"])
+            bias_rank = int(metadata.get("bias_rank", "0"))
+        except (KeyError, ValueError) as err:
+            fail("path", "a v2l_fast adapters file with alpha, base and bias_rank metadata",
+                 f"{path!r}, whose metadata is incomplete or malformed ({type(err).__name__}: {err})")
+        if not isinstance(base, dict):
+            fail("path", "a v2l_fast adapters file whose base metadata is a JSON object", f"{path!r}")
+        adapters = cls(A, B, alpha, base, bias_rank)
         if model is not None:
             adapters.check_base(model, name=f"adapters in {path!r}")
         return adapters
