@@ -294,3 +294,22 @@ def test_text_tracker_holds_back_what_may_become_a_stop_string(text, stop, strea
             break
     assert deltas == streamed[:len(deltas)]
     assert "".join(deltas) + tracker.finish() == final
+
+
+def test_composed_long_video_adapters_are_served_like_any_other(models):
+    from v2l_fast.long_video import internalize_long
+
+    vlm, hypernet, _ = models
+    long_clip = np.random.default_rng(9).integers(0, 256, (6, 24, 36, 3), dtype=np.uint8)
+    composed = internalize_long(long_clip, vlm=vlm, hypernet=hypernet, segments=3)
+    recompressed = internalize_long(long_clip, vlm=vlm, hypernet=hypernet, segments=3, max_rank=2)
+    r = hypernet.config.rank
+    assert composed.rank == 4 * r and recompressed.rank == 2 + r  # 3 segments + bias; 2 rows + bias
+    engine = _engine(models)
+    engine.add_adapter("long", composed)
+    engine.add_adapter("long-r2", recompressed)
+    got = engine.generate(PROMPTS[:2] * 2, ["long", "long", "long-r2", "long-r2"],
+                          SamplingParams(max_tokens=MAX_TOKENS))
+    want = [v2l_fast.ask(a, [p], vlm=vlm, max_new_tokens=MAX_TOKENS)[0]
+            for a in (composed, recompressed) for p in PROMPTS[:2]]
+    assert [c.text.strip() for c in got] == want
