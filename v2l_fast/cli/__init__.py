@@ -1,5 +1,6 @@
-"""The ``v2l-fast`` command line (also ``python -m v2l_fast``): demo, internalize, ask, info, and
-the training commands (world, teacher, train, evaluate, replicate).
+"""The ``v2l-fast`` command line (also ``python -m v2l_fast``): demo, internalize, ask, info, the
+serving commands (serve, export-peft) and the training commands (world, teacher, train, evaluate,
+replicate).
 
 One module per command, each adding its subcommand to the parser and running it; `common` holds
 what they share. ``demo`` runs the main job on the embedded default that needs no download: the
@@ -9,7 +10,10 @@ the synthetic world (`v2l_fast.data.synthetic`); ``teacher`` writes the training
 manifest (`v2l_fast.train.teacher`); ``train`` trains the hypernetwork on them
 (`v2l_fast.train.trainer`); ``evaluate`` scores held-out questions with the video in context, with
 the adapter alone and with neither (`v2l_fast.train.evaluate`); ``replicate`` runs the toy
-replication end to end (`v2l_fast.train.replicate`). Bad input (a missing or corrupt file,
+replication end to end (`v2l_fast.train.replicate`). ``serve`` runs the OpenAI-compatible HTTP
+server over the continuous-batching engine (`v2l_fast.serve`); ``export-peft`` writes an adapter
+as a PEFT LoRA directory, with the bias-folded base model vLLM serves it on
+(`v2l_fast.adapters.peft`). Bad input (a missing or corrupt file,
 adapters made for another model, a backend that cannot run) ends with one line on stderr and
 exit code 2.
 """
