@@ -180,6 +180,14 @@ def test_adapters_rotate_through_a_small_pool(models, expected):
     assert engine.stats()["pool"]["evictions"] == len(order) - 1
 
 
+def test_a_folded_model_is_refused_for_internalization(models):
+    vlm, hypernet, _ = models
+    engine = _engine(models)
+    frames = np.zeros((2, 24, 36, 3), dtype=np.uint8)
+    with pytest.raises(ValueError, match="vlm: expected a model whose down_proj holds no folded bias block"):
+        v2l_fast.internalize([frames], vlm=engine.vlm, hypernet=hypernet)
+
+
 def test_unfolded_engine_gives_the_same_answers(models, expected):
     vlm, hypernet, adapters = models
     engine = Engine(tiny_vlm(seed=7, longest_edge=64, max_frames=3), fold=False)

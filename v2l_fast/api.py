@@ -24,6 +24,7 @@ import torch
 from tqdm.auto import tqdm
 
 from v2l_fast.adapters import Adapters, base_fingerprint
+from v2l_fast.adapters.fold import folded_bias_of
 from v2l_fast.compat import base_dimensions, check_fits
 from v2l_fast.errors import fail
 from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
@@ -114,6 +115,9 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
     if is_patched(vlm.model):
         fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
              "a patched model")
+    if folded_bias_of(vlm.model) is not None:
+        fail("vlm", "a model whose down_proj holds no folded bias block while internalizing (features come from "
+             "the base model; serve.server.unfolded_copy keeps one beside a serving engine)", "a folded model")
     hn_device = next(hypernet.parameters()).device
     A, B, alpha = [], [], None
     with _backend_scope(backend, hn_device):
