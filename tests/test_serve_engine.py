@@ -3,6 +3,7 @@ stop conditions, sampling, adapters in the pool, bad input."""
 
 from __future__ import annotations
 
+import copy
 import threading
 
 import numpy as np
@@ -320,4 +321,26 @@ def test_composed_long_video_adapters_are_served_like_any_other(models):
                           SamplingParams(max_tokens=MAX_TOKENS))
     want = [v2l_fast.ask(a, [p], vlm=vlm, max_new_tokens=MAX_TOKENS)[0]
             for a in (composed, recompressed) for p in PROMPTS[:2]]
+    assert [c.text.strip() for c in got] == want
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "cuda", "torch"])
+def test_engine_on_cuda_answers_as_ask_does(models, backend):
+    """On a GPU (fp32 weights, so that greedy choices cannot flip on a bf16 near-tie): the engine's
+    answers, through each CUDA lora_sgmv backend, equal `ask`'s on the same device."""
+    from v2l_fast.ops import runtime_missing
+
+    missing = runtime_missing(backend, torch.device("cuda"))
+    if missing:
+        pytest.skip(f"{backend}: {missing}")
+    _, hypernet, adapters = models
+    vlm = tiny_vlm(seed=7, longest_edge=64, max_frames=3)
+    vlm.model.to("cuda")
+    want = [v2l_fast.ask(adapters[v] if v is not None else None, [PROMPTS[p]], vlm=vlm, max_new_tokens=MAX_TOKENS,
+                         backend=backend)[0] for p, v in ((0, 0), (1, 1), (2, None))]
+    engine = Engine(vlm, hypernet=copy.deepcopy(hypernet).to("cuda"), backend=backend)
+    for v in (0, 1):
+        engine.add_adapter(f"video-{v}", adapters[v])
+    got = engine.generate(PROMPTS[:3], ["video-0", "video-1", None], SamplingParams(max_tokens=MAX_TOKENS))
     assert [c.text.strip() for c in got] == want
