@@ -29,7 +29,9 @@ from v2l_fast.adapters import Adapters, base_fingerprint
 from v2l_fast.adapters.store import AdapterStore
 from v2l_fast.api import ask, internalize
 from v2l_fast.serve import Engine, SamplingParams
-from v2l_fast.serve.server import Internalizer, ServerLimits, create_app, unfolded_copy
+from v2l_fast.serve.internalizer import Internalizer, unfolded_copy
+from v2l_fast.serve.limits import ServerLimits
+from v2l_fast.serve.server import create_app
 from v2l_fast.testing import tiny_hypernet, write_test_video
 from v2l_fast.vlm.factory import tiny_vlm
 

@@ -94,7 +94,7 @@ def add_parser(commands) -> None:
 
 
 def _limits(args):
-    from v2l_fast.serve.server import ServerLimits
+    from v2l_fast.serve.limits import ServerLimits
 
     return ServerLimits(max_upload_bytes=args.max_upload_mb << 20, max_request_bytes=args.max_request_kb << 10,
                         max_frames=args.max_frames, max_video_frames=args.max_video_frames,
@@ -140,7 +140,8 @@ def run_serve(args, device: torch.device) -> int:
     try:
         import uvicorn
 
-        from v2l_fast.serve.server import Internalizer, create_app, unfolded_copy
+        from v2l_fast.serve.internalizer import Internalizer, unfolded_copy
+        from v2l_fast.serve.server import create_app
     except ImportError as err:
         fail("serve", "fastapi and uvicorn installed (pip install 'v2l_fast[serve]')", f"ImportError: {err}")
     from v2l_fast.adapters import base_fingerprint

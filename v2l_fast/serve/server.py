@@ -23,28 +23,23 @@ each request's blocking `RequestHandle` is drained by a small daemon thread that
 events to the loop with ``call_soon_threadsafe``. Every refusal is a 4xx with an OpenAI-style
 body ``{"error": {"message", "type", "param", "code"}}``; a client that goes away mid-answer
 has its request cancelled in the engine, so its KV slot is freed at the next step.
+
+This module holds the chat request model, the bridge from the engine's threads to the event
+loop, SSE and the app's routes; it stands on `limits` (`ServerLimits`, `ApiError`, the
+in-flight counters), `uploads` (request bodies and videos read under those limits) and
+`internalizer` (`Internalizer`, `unfolded_copy`).
 """
 
 from __future__ import annotations
 
 import asyncio
-import copy
 import dataclasses
-import email.message
-import email.utils
-import itertools
 import json
-import mmap
-import os
-import re
-import shutil
-import tempfile
 import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
 
 import anyio
 from fastapi import FastAPI, Request
@@ -55,304 +50,18 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from v2l_fast.adapters.core import Adapters
-from v2l_fast.adapters.fold import folded_bias_of
 from v2l_fast.adapters.store import AdapterNotFound, check_adapter_id
 from v2l_fast.errors import fail
 from v2l_fast.serve.engine import Completion, Engine, EngineFull, RequestHandle, StreamEvent
+from v2l_fast.serve.internalizer import Internalizer
+from v2l_fast.serve.limits import ApiError, Counter, ServerLimits, bad_input
 from v2l_fast.serve.sampling import SamplingParams
-from v2l_fast.vlm.load import VLM
+from v2l_fast.serve.uploads import probe_video, read_json, receive_upload, upload_folder
 
-__all__ = ["ApiError", "Internalizer", "ServerLimits", "create_app", "unfolded_copy"]
+__all__ = ["DEFAULT_MODEL_NAME", "create_app"]
 
 DEFAULT_MODEL_NAME = "base"
-_CHUNK = 1 << 20  # upload bytes written to disk per worker-thread call
 _MAX_STOP = 16
-
-
-@dataclass(frozen=True)
-class ServerLimits:
-    """What one request may ask of the server; beyond them it answers 4xx instead of trying.
-
-    Attributes:
-        max_upload_bytes: body of an adapter upload (a video or an adapters file): 413 beyond.
-        max_request_bytes: body of a JSON request (a chat completion): 413 beyond.
-        max_frames: frames sampled from an uploaded video (None: the VLM's preprocessor
-            ``max_frames``); a request asking for more is refused.
-        max_video_frames: frames the container of an uploaded video may hold (decoding cost).
-        max_video_pixels: width × height of an uploaded video's frames.
-        max_prompt_tokens: tokens of a chat's prompt after the chat template (the engine's
-            ``max_len`` bounds prompt + answer as well).
-        max_tokens: tokens one answer may ask for; also the default when a request names none
-            (then at most what fits the engine's ``max_len``).
-        max_concurrent: chat requests in flight at once (waiting, running or streaming): 429
-            beyond, never a wait. The engine's ``max_queue`` bounds its queue (429 as well).
-        max_internalizations: adapter uploads in flight at once (uploading, waiting for the
-            internalization lock, or internalizing): 429 beyond.
-    """
-
-    max_upload_bytes: int = 256 << 20
-    max_request_bytes: int = 1 << 20
-    max_frames: int | None = None
-    max_video_frames: int = 100_000
-    max_video_pixels: int = 3840 * 2160
-    max_prompt_tokens: int = 8192
-    max_tokens: int = 1024
-    max_concurrent: int = 256
-    max_internalizations: int = 4
-
-    def __post_init__(self):
-        for name in ("max_upload_bytes", "max_request_bytes", "max_video_frames", "max_video_pixels",
-                     "max_prompt_tokens", "max_tokens", "max_concurrent", "max_internalizations"):
-            value = getattr(self, name)
-            if type(value) is not int or value < 1:
-                fail(name, "an int >= 1", repr(value))
-        if self.max_frames is not None and (type(self.max_frames) is not int or self.max_frames < 1):
-            fail("max_frames", "an int >= 1 or None", repr(self.max_frames))
-
-
-class ApiError(Exception):
-    """A refused request: HTTP ``status`` and the OpenAI-style error body's fields."""
-
-    def __init__(self, status: int, message: str, *, type: str | None = None, param: str | None = None,
-                 code: str | None = None):
-        super().__init__(message)
-        self.status, self.message, self.param, self.code = status, message, param, code
-        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
-        if status == 429 and type is None:
-            self.type = "rate_limit_error"
-
-    def body(self) -> dict:
-        """``{"error": {"message", "type", "param", "code"}}``."""
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
-
-
-_PARAM = re.compile(r"^([A-Za-z_][\w.\[\]-]*): expected ")
-
-
-def _bad_input(err: Exception, status: int = 400, code: str | None = None) -> ApiError:
-    """An `ApiError` of a ValueError of the stack (``name: expected …, got …``), one line, its
-    argument as ``param``."""
-    message = " ".join(str(err).split()) or type(err).__name__
-    match = _PARAM.match(message)
-    return ApiError(status, message, param=match.group(1) if match else None, code=code)
-
-
-# --- internalization ------------------------------------------------------------------------
-
-def unfolded_copy(vlm: VLM) -> VLM:
-    """A twin of ``vlm`` for internalization beside a folding `Engine`: every parameter and
-    buffer is shared except the ``down_proj`` weights, which are copied.
-
-    The engine folds the hypernetwork's bias block into ``down_proj`` in place, but the
-    hypernetwork reads the layer states of the model it was trained on, the unfolded one. Make
-    the twin BEFORE building the engine; it costs one copy of the ``down_proj`` weights.
-    """
-    from v2l_fast.vlm.lora_patch import down_proj_targets
-
-    model = vlm.model
-    if folded_bias_of(model) is not None:
-        fail("vlm", "an unfolded model (make the twin before the Engine folds it)", "a folded model")
-    copied = {id(module.weight) for module in down_proj_targets(model)}
-    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers()) if id(t) not in copied}
-    return VLM(copy.deepcopy(model, memo), vlm.tokenizer, vlm.preprocessor)
-
-
-class Internalizer:
-    """Video files → one adapter each, for the server: an unfolded VLM and its hypernetwork.
-
-    Calls are serialised by a lock (one model forward at a time); the server runs them in
-    worker threads. ``vlm`` must not be the model a folding engine serves (see `unfolded_copy`).
-    """
-
-    def __init__(self, vlm: VLM, hypernet):
-        if not isinstance(vlm, VLM):
-            fail("vlm", "a VLM", type(vlm).__name__)
-        self.vlm, self.hypernet = vlm, hypernet
-        self.lock = threading.Lock()
-
-    @property
-    def max_frames(self) -> int:
-        """Frames the VLM's preprocessor samples from a video by default."""
-        return self.vlm.preprocessor.max_frames
-
-    def __call__(self, path: str, max_frames: int | None = None) -> tuple[Adapters, int]:
-        """Internalize the video file ``path`` (``max_frames`` sampled frames; None: the
-        preprocessor's); return its adapter and the frames used. Bad videos raise ValueError."""
-        from v2l_fast.api import internalize
-        from v2l_fast.vlm.video import read_video
-
-        with self.lock:
-            if folded_bias_of(self.vlm.model) is not None:
-                raise RuntimeError("the internalizer's VLM holds a folded bias block: give the server an "
-                                   "unfolded twin (v2l_fast.serve.server.unfolded_copy) made before the Engine")
-            video = read_video(path, max_frames=max_frames or self.max_frames, target_fps=self.vlm.preprocessor.fps)
-            adapters = internalize([video], vlm=self.vlm, hypernet=self.hypernet)
-        return adapters, len(video.timestamps)
-
-
-def probe_video(path: str, limits: ServerLimits) -> None:
-    """Refuse (`ApiError` 400) a file that is no video PyAV can open, or whose container states
-    more frames or pixels than ``limits`` allow, before anything is decoded."""
-    import av
-
-    try:
-        with av.open(path) as container:
-            if not container.streams.video:
-                raise ApiError(400, "file: expected a video, got a file without a video stream", param="file",
-                               code="invalid_video")
-            stream = container.streams.video[0]
-            width, height = stream.codec_context.width or 0, stream.codec_context.height or 0
-            frames = stream.frames
-            if not frames and container.duration and stream.average_rate:
-                frames = int(container.duration / 1e6 * float(stream.average_rate)) + 1
-    except av.error.FFmpegError as err:
-        raise ApiError(400, f"file: expected a video PyAV can read, got one it cannot: {err}", param="file",
-                       code="invalid_video") from None
-    if width * height > limits.max_video_pixels:
-        raise ApiError(400, f"file: expected frames of at most {limits.max_video_pixels} pixels, got "
-                       f"{width}x{height}", param="file", code="video_too_large")
-    if frames > limits.max_video_frames:
-        raise ApiError(400, f"file: expected a video of at most {limits.max_video_frames} frames, got about {frames}",
-                       param="file", code="video_too_long")
-
-
-# --- request bodies -------------------------------------------------------------------------
-
-def _too_large(limit: int, what: str) -> ApiError:
-    return ApiError(413, f"{what}: expected at most {limit} bytes, got more", code="request_too_large")
-
-
-def _declared_length(request: Request, limit: int, what: str) -> None:
-    declared = request.headers.get("content-length")
-    if declared is None:
-        return
-    if not declared.isdigit():
-        raise ApiError(400, f"content-length: expected a number of bytes, got {declared[:40]!r}")
-    if int(declared) > limit:
-        raise ApiError(413, f"{what}: expected at most {limit} bytes, got {declared}", code="request_too_large")
-
-
-async def read_json(request: Request, limit: int) -> dict:
-    """The JSON object of the request body, reading no more than ``limit`` bytes (413 beyond)."""
-    _declared_length(request, limit, "request body")
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-        if len(body) > limit:
-            raise _too_large(limit, "request body")
-    try:
-        value = json.loads(body)
-    except (UnicodeDecodeError, json.JSONDecodeError) as err:
-        raise ApiError(400, f"body: expected JSON, got text that does not parse: {err}", code="invalid_json") from None
-    if not isinstance(value, dict):
-        raise ApiError(400, f"body: expected a JSON object, got {type(value).__name__}", code="invalid_json")
-    return value
-
-
-async def spool_body(request: Request, path: str, limit: int) -> int:
-    """Stream the request body into the file ``path``; stop reading past ``limit`` bytes (413).
-    Returns the bytes written; an empty body is refused (400)."""
-    _declared_length(request, limit, "upload")
-    size, pending = 0, bytearray()
-    with open(path, "wb") as handle:
-        async for chunk in request.stream():
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit, "upload")
-            pending += chunk
-            if len(pending) >= _CHUNK:
-                await anyio.to_thread.run_sync(handle.write, bytes(pending))
-                pending.clear()
-        handle.write(pending)
-    if size == 0:
-        raise ApiError(400, "body: expected the uploaded file, got an empty body", param="file")
-    return size
-
-
-def _header_param(value: str, header: str, name: str) -> str | None:
-    message = email.message.Message()
-    message[header] = value
-    found = message.get_param(name, header=header)
-    return email.utils.collapse_rfc2231_value(found) if found is not None else None
-
-
-def split_multipart(path: str, boundary: str, folder: str) -> tuple[dict[str, str], dict[str, str]]:
-    """Parse the ``multipart/form-data`` body in file ``path``: returns (text fields, file fields
-    as paths of their bytes copied into ``folder``). Malformed bodies raise `ApiError` 400."""
-    def malformed(why: str) -> ApiError:
-        return ApiError(400, f"body: expected multipart/form-data, got a body that {why}", code="invalid_multipart")
-
-    fields, files = {}, {}
-    delimiter = b"--" + boundary.encode("latin-1")
-    with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-        at = data.find(delimiter)
-        if at < 0:
-            raise malformed("lacks the boundary")
-        while True:
-            at += len(delimiter)
-            if data[at:at + 2] == b"--":
-                break
-            if data[at:at + 2] != b"\r\n":
-                raise malformed("has a boundary line not ended by CRLF")
-            head_end = data.find(b"\r\n\r\n", at + 2, at + 2 + 16384)
-            if head_end < 0:
-                raise malformed("has a part without headers ending in 16 KiB")
-            headers = {}
-            for line in data[at + 2:head_end].decode("utf-8", "replace").split("\r\n"):
-                key, _, value = line.partition(":")
-                headers[key.strip().lower()] = value.strip()
-            start = head_end + 4
-            end = data.find(b"\r\n" + delimiter, start)
-            if end < 0:
-                raise malformed("has a part without its closing boundary")
-            disposition = headers.get("content-disposition", "")
-            name = _header_param(disposition, "content-disposition", "name")
-            if name is None:
-                raise malformed("has a part without a name")
-            if _header_param(disposition, "content-disposition", "filename") is not None:
-                target = os.path.join(folder, f"part-{len(files)}")
-                with open(target, "wb") as out:
-                    for offset in range(start, end, _CHUNK):
-                        out.write(data[offset:min(offset + _CHUNK, end)])
-                files[name] = target
-            else:
-                if end - start > 4096:
-                    raise malformed(f"has a text field {name!r} over 4096 bytes")
-                fields[name] = data[start:end].decode("utf-8", "replace")
-            at = end + 2
-    return fields, files
-
-
-@asynccontextmanager
-async def _upload_folder():
-    folder = tempfile.mkdtemp(prefix="v2l-fast-upload-")
-    try:
-        yield folder
-    finally:
-        await anyio.to_thread.run_sync(shutil.rmtree, folder, True)
-
-
-async def receive_upload(request: Request, folder: str, limit: int) -> tuple[dict[str, str], str]:
-    """The uploaded file (a path in ``folder``) and the text fields: a ``multipart/form-data``
-    body with a ``file`` part (text parts are fields), or else the raw body as the file;
-    query parameters are fields too (form fields win)."""
-    body = os.path.join(folder, "body")
-    await spool_body(request, body, limit)
-    fields = dict(request.query_params)
-    content_type = request.headers.get("content-type", "")
-    if not content_type.lower().startswith("multipart/"):
-        return fields, body
-    boundary = _header_param(content_type, "content-type", "boundary")
-    if not boundary:
-        raise ApiError(400, "content-type: expected multipart/form-data with a boundary, got none",
-                       code="invalid_multipart")
-    form, files = await anyio.to_thread.run_sync(split_multipart, body, boundary, folder)
-    fields.update(form)
-    path = files.get("file", files.get("video"))
-    if path is None:
-        raise ApiError(400, f"file: expected a file part named 'file', got parts {sorted(form) + sorted(files)}",
-                       param="file")
-    return fields, path
 
 
 # --- chat completions -----------------------------------------------------------------------
@@ -469,21 +178,6 @@ def _sse(data: dict | str) -> str:
 
 # --- the app --------------------------------------------------------------------------------
 
-class _Counter:
-    """In-flight requests of one kind, bounded; touched from the event loop only."""
-
-    def __init__(self, limit: int, what: str, code: str):
-        self.limit, self.what, self.code, self.value = limit, what, code, 0
-
-    def acquire(self) -> None:
-        if self.value >= self.limit:
-            raise ApiError(429, f"{self.what}: at most {self.limit} at once; retry later", code=self.code)
-        self.value += 1
-
-    def release(self) -> None:
-        self.value -= 1
-
-
 def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limits: ServerLimits | None = None,
                served_model_name: str = DEFAULT_MODEL_NAME, default_temperature: float = 0.0,
                start_engine: bool = True) -> FastAPI:
@@ -505,8 +199,8 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         fail("limits", "a ServerLimits", type(limits).__name__)
     check_adapter_id(served_model_name)
     created = int(time.time())
-    chats = _Counter(limits.max_concurrent, "concurrent chat requests", "too_many_requests")
-    uploads = _Counter(limits.max_internalizations, "adapter uploads in flight", "too_many_uploads")
+    chats = Counter(limits.max_concurrent, "concurrent chat requests", "too_many_requests")
+    uploads = Counter(limits.max_internalizations, "adapter uploads in flight", "too_many_uploads")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -570,7 +264,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
                                   top_p=1.0 if chat.top_p is None else chat.top_p,
                                   stop=() if stop is None else stop, seed=chat.seed)
         except ValueError as err:
-            raise _bad_input(err) from None
+            raise bad_input(err) from None
 
     def usage(prompt_tokens: int, completion_tokens: int) -> dict:
         return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
@@ -591,7 +285,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
             try:
                 ids = await anyio.to_thread.run_sync(engine.prompt_ids, _messages(chat))
             except ValueError as err:
-                raise _bad_input(err) from None
+                raise bad_input(err) from None
             if len(ids) > limits.max_prompt_tokens:
                 raise ApiError(400, f"messages: expected at most {limits.max_prompt_tokens} prompt tokens, got "
                                f"{len(ids)}", param="messages", code="context_length_exceeded")
@@ -602,9 +296,9 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
             except EngineFull as err:
                 raise ApiError(429, f"the engine's queue is full ({err}); retry later", code="queue_full") from None
             except AdapterNotFound as err:
-                raise _bad_input(err, 404, "model_not_found") from None
+                raise bad_input(err, 404, "model_not_found") from None
             except ValueError as err:
-                raise _bad_input(err) from None
+                raise bad_input(err) from None
             events = _Events(handle, asyncio.get_running_loop())
             head = {"id": request_id, "created": int(time.time()), "model": chat.model, "system_fingerprint": None}
             if chat.stream:
@@ -696,7 +390,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         try:
             check_adapter_id(adapter_id)
         except ValueError as err:
-            raise _bad_input(err, code="invalid_adapter_id") from None
+            raise bad_input(err, code="invalid_adapter_id") from None
         if adapter_id == served_model_name:
             raise ApiError(400, f"id: expected an adapter id other than the base model's name "
                            f"{served_model_name!r}", param="id", code="invalid_adapter_id")
@@ -715,7 +409,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         try:
             await anyio.to_thread.run_sync(lambda: engine.add_adapter(adapter_id, adapters, persist=True))
         except ValueError as err:
-            raise _bad_input(err, code="invalid_adapter") from None
+            raise bad_input(err, code="invalid_adapter") from None
 
     @app.post("/v1/adapters", status_code=201)
     async def upload_video(request: Request):
@@ -726,7 +420,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
             if internalizer is None:
                 raise ApiError(400, "this server internalizes no videos (started without a hypernetwork); upload "
                                "an adapters file to /v1/adapters/{id}", code="internalization_disabled")
-            async with _upload_folder() as folder:
+            async with upload_folder() as folder:
                 fields, path = await receive_upload(request, folder, limits.max_upload_bytes)
                 overwrite = flag(fields, "overwrite")
                 adapter_id = check_new_id(fields.get("id") or f"video-{uuid.uuid4().hex[:12]}", overwrite)
@@ -740,7 +434,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
                 try:
                     adapters, frames = await anyio.to_thread.run_sync(internalizer, path, int(max_frames))
                 except ValueError as err:
-                    raise _bad_input(ValueError(str(err).replace(path, "the uploaded video")),
+                    raise bad_input(ValueError(str(err).replace(path, "the uploaded video")),
                                      code="invalid_video") from None
                 seconds = time.perf_counter() - start
             check_new_id(adapter_id, overwrite)  # taken while internalizing?
@@ -753,7 +447,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         uploads.acquire()
         try:
             check_new_id(adapter_id, overwrite or flag(dict(request.query_params), "overwrite"))
-            async with _upload_folder() as folder:
+            async with upload_folder() as folder:
                 _, path = await receive_upload(request, folder, limits.max_upload_bytes)
                 try:
                     adapters = await anyio.to_thread.run_sync(Adapters.load, path)
@@ -787,7 +481,7 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         try:
             check_adapter_id(adapter_id)
         except ValueError as err:
-            raise _bad_input(err, code="invalid_adapter_id") from None
+            raise bad_input(err, code="invalid_adapter_id") from None
         if adapter_id not in engine.store:
             raise ApiError(404, f"adapter_id: expected the id of a stored adapter, got {adapter_id!r}",
                            param="adapter_id", code="adapter_not_found")
@@ -799,9 +493,9 @@ def create_app(engine: Engine, *, internalizer: Internalizer | None = None, limi
         try:
             adapters = await anyio.to_thread.run_sync(engine.store.get, known(adapter_id))
         except AdapterNotFound as err:
-            raise _bad_input(err, 404, "adapter_not_found") from None
+            raise bad_input(err, 404, "adapter_not_found") from None
         except ValueError as err:
-            raise _bad_input(err, 500, "invalid_adapter") from None
+            raise bad_input(err, 500, "invalid_adapter") from None
         return adapter_card(adapter_id, adapters)
 
     @app.delete("/v1/adapters/{adapter_id}")
