@@ -117,7 +117,7 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
              "a patched model")
     if folded_bias_of(vlm.model) is not None:
         fail("vlm", "a model whose down_proj holds no folded bias block while internalizing (features come from "
-             "the base model; serve.server.unfolded_copy keeps one beside a serving engine)", "a folded model")
+             "the base model; serve.internalizer.unfolded_copy keeps one beside a serving engine)", "a folded model")
     hn_device = next(hypernet.parameters()).device
     A, B, alpha = [], [], None
     with _backend_scope(backend, hn_device):
