@@ -344,3 +344,24 @@ def test_engine_on_cuda_answers_as_ask_does(models, backend):
         engine.add_adapter(f"video-{v}", adapters[v])
     got = engine.generate(PROMPTS[:3], ["video-0", "video-1", None], SamplingParams(max_tokens=MAX_TOKENS))
     assert [c.text.strip() for c in got] == want
+
+
+def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(models, expected, monkeypatch):
+    engine = _engine(models, max_batch=2)
+    forward = engine.decoder.forward
+    calls = []
+
+    def broken_once(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return forward(*args)
+
+    monkeypatch.setattr(engine.decoder, "forward", broken_once)
+    with engine:
+        failed = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=MAX_TOKENS))
+        completion = failed.result(timeout=60)
+        assert completion.finish_reason == "error" and "CUDA out of memory (simulated)" in completion.error
+        after = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=MAX_TOKENS))
+        assert after.result(timeout=60).text.strip() == expected[0, 0]
+    assert engine.stats()["free_kv_slots"] == 2 and engine.stats()["pool"]["pinned"] == 1

@@ -368,12 +368,12 @@ class Engine:
             return 0
         sequences = [([r.generated[-1]], r.position, r.kv_slot, r.pool_slot) for r in decodes]
         sequences += [(r.prompt_ids, 0, r.kv_slot, r.pool_slot) for r in prefills]
-        batch = PackedBatch.build(sequences, len(decodes), self.decoder.device)
         requests = decodes + prefills
+        self._running = list(requests)  # before the forward: a failing step finishes the prefills too
+        batch = PackedBatch.build(sequences, len(decodes), self.decoder.device)
         logits = self.decoder.forward(batch, self._A_layers, self._B_layers, self.pool.ranks, self.pool.scaling or 1.0)
         tokens = choose_tokens(logits, [r.params for r in requests], [r.generator for r in requests])
         now = time.perf_counter()
-        self._running = decodes + prefills
         for request, token in zip(requests, tokens):
             self._advance(request, token, now)
         self.steps += 1
