@@ -1,0 +1,91 @@
+"""Plots of benchmark results, written as PNG beside their JSON (matplotlib, no display needed).
+
+`plot_ttft`: the time-to-first-token sweep of ``bench_ttft.py``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+COLOURS = {"256M": "tab:blue", "500M": "tab:orange", "2.2B": "tab:green"}
+LABEL_OFFSETS = {"256M": (8, -14), "500M": (-20, 10), "2.2B": (8, 6)}  # points: ratio labels apart
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def plot_ttft(payload: dict, path: str | Path) -> Path:
+    """TTFT vs frames (log-log; video in context solid, LoRA answer dashed, one colour per model,
+    the video/LoRA ratio of the medians, and of the fastest calls, written at each point) beside
+    the context tokens of both prompts.
+
+    Measured points are filled; points that did not run here are hollow, at their estimate
+    (``row["estimate"]``: the measured seconds per FLOP times the point's FLOPs), labelled "est.".
+    """
+    plt = _pyplot()
+    rows = [row for row in payload["results"] if row.get("op") == "ttft"]
+    models = [m for m in COLOURS if any(row["model"] == m for row in rows)]
+    fig, (ax, ax_tokens) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    for model in models:
+        colour = COLOURS[model]
+        mine = sorted((row for row in rows if row["model"] == model), key=lambda row: row["frames"])
+        measured = [row for row in mine if row.get("status") == "measured"]
+        estimated = [row for row in mine if row.get("status") != "measured"
+                     and (row.get("estimate") or {}).get("video_s") is not None]
+        if measured:
+            frames = [row["frames"] for row in measured]
+            ax.plot(frames, [row["video"]["median_s"] for row in measured], "o-", color=colour,
+                    label=f"{model}: video in context")
+            ax.plot(frames, [row["lora"]["median_s"] for row in measured], "s--", color=colour,
+                    label=f"{model}: LoRA answer (0 visual tokens)")
+            once = [row for row in measured if isinstance(row.get("internalize"), dict)]
+            ax.plot([row["frames"] for row in once], [row["internalize"]["median_s"] for row in once], "x:",
+                    color=colour, alpha=0.6, label=f"{model}: internalize (once per video)")
+            for row in measured:
+                ratio = f"{row['ratio_median']:.0f}×"
+                if "ratio_min" in row:
+                    ratio += f" ({row['ratio_min']:.0f}× min)"
+                ax.annotate(ratio, (row["frames"], row["video"]["median_s"]), textcoords="offset points",
+                            xytext=LABEL_OFFSETS.get(model, (6, 6)), color=colour, fontsize=9, weight="bold")
+        if estimated:
+            chain = measured[-1:] + estimated
+            ax.plot([row["frames"] for row in chain],
+                    [row["video"]["median_s"] if row in measured else row["estimate"]["video_s"] for row in chain],
+                    ":", color=colour, alpha=0.5)
+            ax.plot([row["frames"] for row in estimated], [row["estimate"]["video_s"] for row in estimated], "o",
+                    mfc="none", color=colour, alpha=0.7, label=f"{model}: video in context, est. (not run)")
+            ax.plot([row["frames"] for row in estimated], [row["estimate"]["lora_s"] for row in estimated], "s",
+                    mfc="none", color=colour, alpha=0.5)
+            for row in estimated:
+                ax.annotate(f"~{row['estimate']['ratio']:.0f}× est.", (row["frames"], row["estimate"]["video_s"]),
+                            textcoords="offset points", xytext=(6, -12), color=colour, fontsize=8, alpha=0.8)
+        frames_all = [row["frames"] for row in mine]
+        ax_tokens.plot(frames_all, [row["tokens"]["video"]["total"] for row in mine], "o-", color=colour,
+                       label=f"{model}: video in context")
+        ax_tokens.plot(frames_all, [row["tokens"]["lora"]["total"] for row in mine], "s--", color=colour,
+                       label=f"{model}: LoRA answer")
+    for axis in (ax, ax_tokens):
+        axis.set_xscale("log", base=2)
+        axis.set_yscale("log")
+        axis.set_xlabel("frames in the video")
+        axis.grid(True, which="both", alpha=0.3)
+    ax.set_ylabel("time to first token (s)")
+    ax.set_title(f"TTFT, {payload.get('device')}, {payload.get('dtype')} (ratio: video / LoRA)", fontsize=10)
+    ax.legend(fontsize=7, loc="upper left")
+    ax_tokens.set_ylabel("context tokens of the prompt")
+    ax_tokens.set_title("context tokens (visual + text)", fontsize=10)
+    ax_tokens.legend(fontsize=7, loc="center right")
+    fig.text(0.01, 0.01, "filled: measured (median; ratio of medians, and of the fastest calls). hollow: not run here, "
+             "estimated (video: FLOPs × measured s/FLOP; LoRA: measured, flat in frames). LoRA path: adapter already "
+             "made; internalization (×) is paid once per video.", fontsize=7, alpha=0.8)
+    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
