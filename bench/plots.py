@@ -1,6 +1,6 @@
 """Plots of benchmark results, written as PNG beside their JSON (matplotlib, no display needed).
 
-`plot_ttft`: the time-to-first-token sweep of ``bench_ttft.py``.
+`plot_ttft`: the time-to-first-token sweep of ``bench_e2e_ttft.py``.
 """
 
 from __future__ import annotations

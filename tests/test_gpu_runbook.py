@@ -43,7 +43,7 @@ def test_make_gpu_dry_run_plans_kernel_benches_before_gpu_tests_and_logs_every_s
     stages = {s["name"]: s for s in log["stages"]}
     kernels = sorted(p.stem for p in (ROOT / "bench").glob("bench_*.py") if not p.stem.startswith("bench_e2e"))
     e2e = sorted(p.stem for p in (ROOT / "bench").glob("bench_e2e*.py"))
-    assert "bench_lora_sgmv" in kernels and e2e == ["bench_e2e"]
+    assert "bench_lora_sgmv" in kernels and e2e == ["bench_e2e", "bench_e2e_serve", "bench_e2e_ttft"]
     assert list(stages) == ["probe", "wheels", "install", *kernels, "test-gpu", *e2e]
 
     for s in log["stages"]:

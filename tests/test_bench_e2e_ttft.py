@@ -1,4 +1,4 @@
-"""The token and FLOP arithmetic of bench/bench_ttft.py (no model is built)."""
+"""The token and FLOP arithmetic of bench/bench_e2e_ttft.py (no model is built)."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ BENCH = Path(__file__).resolve().parents[1] / "bench"
 def ttft():
     sys.path.insert(0, str(BENCH))
     try:
-        import bench_ttft
+        import bench_e2e_ttft
 
-        yield bench_ttft
+        yield bench_e2e_ttft
     finally:
         sys.path.remove(str(BENCH))
 

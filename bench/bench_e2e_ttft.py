@@ -1,5 +1,5 @@
 """Time to first token: the LoRA answer (zero visual tokens) against the video in context
-(`pytest bench/bench_ttft.py --benchmark`).
+(`pytest bench/bench_e2e_ttft.py --benchmark`).
 
 For each SmolVLM2 shape (256M, 500M, 2.2B; random weights, `v2l_fast.vlm.factory.random_smolvlm`)
 and each video length (8, 64, 256, 1024 frames of 360×640 RGB, 1 fps), one question is answered

@@ -16,7 +16,7 @@ Targets (issue 8): engine ≥ 10× peft-swap and ≥ 3× peft-mixed at 64 adapte
 CPU: the 2-layer 256M decoder stands in (as in bench_e2e's serving rows), 8 new tokens;
 a GPU runs the 500M and 2.2B shapes with 32 new tokens.
 
-    pytest bench/bench_serve.py --benchmark
+    pytest bench/bench_e2e_serve.py --benchmark
 """
 
 from __future__ import annotations
