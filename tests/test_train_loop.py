@@ -102,31 +102,28 @@ def test_the_data_order_is_a_seeded_permutation_per_epoch_split_into_disjoint_ra
     assert DataOrder(7, 4, 1, 2, 2).stream(0, 7) != stream[:7]
 
 
-def test_the_step_weighs_each_rank_by_its_share_of_rows_so_shards_add_up_to_the_whole(world):
+@pytest.mark.parametrize("kl_weight", [0.0, 0.5])
+def test_the_step_weighs_each_rank_by_its_share_of_rows_so_shards_add_up_to_the_whole(world, kl_weight):
     """Items of unequal size (3 questions cut into 2 + 1): the weighted shard losses of a micro-step sum
-    to the mean over all its rows, the loss one process holding the whole slice computes."""
-    trainer = Trainer(tiny_config(world, out_dir=str(world / "shares")), vlm=tiny_vlm(seed=0))
+    to the mean over all its rows, the loss one process holding the whole slice computes — with the
+    KL term too (a per-row mean like the CE)."""
+    trainer = Trainer(tiny_config(world, out_dir=str(world / f"shares-{kl_weight}"), kl_weight=kl_weight),
+                      vlm=tiny_vlm(seed=0))
     sizes = sorted({len(item) for item in trainer.dataset.items})
     assert sizes == [1, 2]
     order = trainer.order.micro_step(0, 0)[0]
+    collate = trainer_module._Collate(trainer.vlm.tokenizer, trainer.vlm.preprocessor, trainer.config.instruction,
+                                      teacher=kl_weight > 0)
     torch.set_grad_enabled(False)
     per_item = []
     for index in order:
-        micro = trainer_module._Collate(trainer.vlm.tokenizer, trainer.vlm.preprocessor, trainer.config.instruction)(
-            [trainer.dataset[index]])
-        loss, rows = trainer._loss(micro, trainer.eval_adapters)
-        per_item.append((float(loss), rows))
-    whole = trainer_module._Collate(trainer.vlm.tokenizer, trainer.vlm.preprocessor, trainer.config.instruction)(
-        [trainer.dataset[i] for i in order])
-    loss, rows = trainer._loss(whole, trainer.eval_adapters)
+        terms, rows = trainer._loss(collate([trainer.dataset[index]]), trainer.train_adapters)
+        per_item.append((float(terms.loss), rows))
+        assert (terms.kl is None) == (kl_weight == 0)
+    terms, rows = trainer._loss(collate([trainer.dataset[i] for i in order]), trainer.train_adapters)
     assert rows == sum(n for _, n in per_item)
     torch.set_grad_enabled(True)
-    assert abs(sum(l * n / rows for l, n in per_item) - float(loss)) < 1e-5
-
-
-def test_kl_weight_above_zero_is_refused_not_ignored(world):
-    with pytest.raises(ValueError, match="kl_weight: expected 0: the optional KL term .* not implemented"):
-        Trainer(tiny_config(world, kl_weight=0.05), vlm=tiny_vlm(seed=0))
+    assert abs(sum(l * n / rows for l, n in per_item) - float(terms.loss)) < 1e-5
 
 
 def test_an_unreadable_video_stops_the_run_with_one_line_naming_its_manifest_row(tmp_path):

@@ -33,8 +33,11 @@ HELP = {
     "num_latent_queries": "Perceiver encoder queries Q of a fresh hypernetwork",
     "num_blocks": "Perceiver blocks NB of a fresh hypernetwork",
     "num_self_attn_per_block": "self-attention layers per block NS of a fresh hypernetwork",
-    "kl_weight": "weight of spec §7's optional KL term (only 0 is supported: the KL term is not implemented)",
-    "kl_temperature": "temperature T of the KL term",
+    "kl_weight": "weight w of spec §7's optional KL term: loss = CE + w · KL(teacher ‖ student), the teacher "
+                 "being the frozen VLM with the video in context (0: off, the CE recipe). Costs one more VLM "
+                 "forward over the video per question row, and every video is decoded each step even with "
+                 "--feature-cache",
+    "kl_temperature": "temperature T > 0 of the KL term: both distributions softened by T, the KL scaled by T²",
     "lr": "AdamW learning rate (peak of the cosine schedule)",
     "weight_decay": "AdamW weight decay",
     "betas": "AdamW betas",
@@ -66,7 +69,8 @@ def add_parser(commands) -> None:
 
     train = commands.add_parser(
         "train", help="train the hypernetwork on a manifest (resumable; multi-GPU through torchrun)",
-        description="Train the Frames2LoRA hypernetwork with spec §7's teacher-forced CE over answer tokens "
+        description="Train the Frames2LoRA hypernetwork with spec §7's teacher-forced CE over answer tokens, "
+        "plus an optional KL to the VLM that sees the video (--kl-weight) "
         "(one adapter per video shared by its questions; only the hypernetwork learns). Settings: spec §7's "
         "defaults, then --config, then flags. Distributed: torchrun --nproc-per-node N -m v2l_fast train … "
         "(gloo on CPU, nccl on CUDA; the global batch is videos-per-device × processes × grad-accum). "

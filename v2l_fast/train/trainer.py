@@ -3,8 +3,17 @@
 Each step: the frozen VLM's stacked layer states of a batch of videos (fresh, or read from the
 feature cache), one generated adapter per video, and spec §7's teacher-forced CE over the answer
 tokens of that video's questions, all of a video's rows sharing its adapter through `LoRAPatch`
-segments (`v2l_fast.train.objective.adapter_loss`). AdamW, cosine schedule with linear warm-up,
+segments (`v2l_fast.train.objective.adapter_objective`). AdamW, cosine schedule with linear warm-up,
 gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+
+With ``kl_weight`` > 0 the loss is CE + kl_weight · KL (spec §7): the frozen VLM, unpatched, also
+reads every row with its video in context (`v2l_fast.train.distill`) and the student's answer
+distribution is pulled towards it. The teacher needs the step's pixels, so every video is then
+decoded and preprocessed each step even when its features are cached (the cache still spares
+the feature forward), and each row costs one more VLM forward over its video's tokens (vision
+tower once per video, decoder once per row, under ``no_grad``): 12 frames of 64 visual tokens
+on SmolVLM2-500M, where the student's text-only row has tens of tokens. Metrics then log ``ce``
+and ``kl`` besides ``loss``; the validation CE is the CE alone.
 
 Data order: the items (a video with up to ``questions_per_video`` of its rows) form one endless
 stream, epoch e being the permutation drawn from ``(seed, e)``; global step s takes the next
@@ -47,8 +56,9 @@ from v2l_fast.errors import fail
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig, load_frames2lora
 from v2l_fast.train import checkpoint as ckpt
 from v2l_fast.train.config import TrainConfig
+from v2l_fast.train.distill import TeacherBatch, teacher_answer_logits, teacher_batch
 from v2l_fast.train.features_cache import FeatureCache, pad_videos, settings_key, trim
-from v2l_fast.train.objective import adapter_loss, student_batch
+from v2l_fast.train.objective import LossTerms, adapter_objective, student_batch
 from v2l_fast.vlm.features import extract_features
 from v2l_fast.vlm.frames import VideoBatch, build_video_batch
 from v2l_fast.vlm.load import VLM, load_smolvlm
@@ -57,7 +67,7 @@ from v2l_fast.vlm.video import Video, VideoError, read_video
 METRICS_FILE = "metrics.jsonl"
 # Settings a resumed run must share with the checkpoint for the continuation to be exact.
 RESUME_FIXED = ("seed", "lr", "weight_decay", "betas", "eps", "warmup_ratio", "max_steps", "questions_per_video",
-                "max_grad_norm", "instruction", "max_frames")
+                "max_grad_norm", "instruction", "max_frames", "kl_weight", "kl_temperature")
 
 
 @dataclass(frozen=True)
@@ -130,8 +140,9 @@ class _Item:
     index: int
     rows: tuple[ManifestRow, ...]
     key: str | None  # the video's feature-cache name (None: no cache)
-    video: Video | None  # None when the features are cached or the video could not be read
+    video: Video | None  # None when it could not be read, or its features are cached and no teacher needs it
     error: str | None
+    cached: bool = False  # its features are in the cache
 
 
 @dataclass
@@ -140,45 +151,60 @@ class _Micro:
 
     rows: list[tuple[ManifestRow, ...]]
     keys: list[str | None]
-    decoded: list[int]  # positions (in ``rows``) of the videos in ``videos``
+    decoded: list[int]  # positions (in ``rows``) of the videos in ``videos`` (features to extract)
     videos: VideoBatch | None
     errors: list[str]
+    teacher: TeacherBatch | None = None  # every row with its video in context (KL on)
 
 
 class _TrainVideos(VideoQADataset):
-    """Items of a manifest (`VideoQADataset`'s grouping); a video with cached features is not decoded."""
+    """Items of a manifest (`VideoQADataset`'s grouping); a video with cached features is not decoded
+    unless ``teacher`` (the KL term's teacher needs its pixels)."""
 
-    def __init__(self, rows, preprocessor, *, questions_per_video: int, cache: FeatureCache | None):
+    def __init__(self, rows, preprocessor, *, questions_per_video: int, cache: FeatureCache | None,
+                 teacher: bool = False):
         super().__init__(rows, preprocessor, max_questions_per_video=questions_per_video)
-        self.cache = cache
+        self.cache, self.teacher = cache, teacher
 
     def __getitem__(self, index: int) -> _Item:
         rows = self.items[index]
         try:
             key = self.cache.video_key(rows[0].video_file) if self.cache is not None else None
-            if key is not None and self.cache.has(key):
-                return _Item(index, rows, key, None, None)
+            cached = key is not None and self.cache.has(key)
+            if cached and not self.teacher:
+                return _Item(index, rows, key, None, None, cached=True)
             video = read_video(rows[0].video_file, max_frames=self.preprocessor.max_frames,
                                target_fps=self.preprocessor.fps)
         except (VideoError, OSError) as err:
             return _Item(index, rows, None, None, f"{describe_rows(rows)}: video_path: {err}")
-        return _Item(index, rows, key, video, None)
+        return _Item(index, rows, key, video, None, cached=cached)
 
 
 class _Collate:
-    """Build the batch of the decoded videos inside the worker (internalisation prompt, pixels)."""
+    """Build the batch of the videos without cached features inside the worker (internalisation
+    prompt, pixels) and, with ``teacher``, the KL teacher's rows of every video (pixels reused)."""
 
-    def __init__(self, tokenizer, preprocessor, instruction: str):
+    def __init__(self, tokenizer, preprocessor, instruction: str, teacher: bool = False):
         self.tokenizer, self.preprocessor, self.instruction = tokenizer, preprocessor, instruction
+        self.teacher = teacher
 
     def __call__(self, items: list[_Item]) -> _Micro:
-        decoded = [j for j, item in enumerate(items) if item.video is not None]
+        errors = [item.error for item in items if item.error]
+        decoded = [j for j, item in enumerate(items) if item.video is not None and not item.cached]
         videos = None
         if decoded:
             videos = build_video_batch([items[j].video for j in decoded], self.instruction, self.tokenizer,
                                        self.preprocessor, pad_token_id=pad_id(self.tokenizer))
-        return _Micro([item.rows for item in items], [item.key for item in items], decoded, videos,
-                      [item.error for item in items if item.error])
+        teacher = None
+        if self.teacher and not errors:
+            pixels: list = [None] * len(items)
+            for position, j in enumerate(decoded):
+                pixels[j] = videos.pixel_values[position, :len(items[j].video.frames)]
+            rows = [(j, row) for j, item in enumerate(items) for row in item.rows]
+            teacher = teacher_batch(self.tokenizer, self.preprocessor, [item.video for item in items],
+                                    [row.prompt for _, row in rows], [row.target_text for _, row in rows],
+                                    [j for j, _ in rows], pad_token_id=pad_id(self.tokenizer), pixels=pixels)
+        return _Micro([item.rows for item in items], [item.key for item in items], decoded, videos, errors, teacher)
 
 
 class _Batches(torch.utils.data.Sampler):
@@ -251,9 +277,6 @@ class Trainer:
     """One training run of `TrainConfig` on this process (one rank of it under ``torchrun``)."""
 
     def __init__(self, config: TrainConfig, *, vlm: VLM | None = None, device: torch.device | None = None):
-        if config.kl_weight > 0:
-            fail("kl_weight", "0: the optional KL term of spec §7 is not implemented in v2l-fast train yet "
-                 "(the CE recipe, the released one, has it off)", config.kl_weight)
         self.config = config
         self.dist = setup_distributed(device or torch.device("cpu"))
         device = self.dist.device
@@ -272,7 +295,7 @@ class Trainer:
         if config.feature_cache is not None:
             self.cache = FeatureCache(config.feature_cache,
                                       settings_key(self.vlm.model, self.vlm.preprocessor, config.instruction))
-        self.dataset = self._dataset(self.train_rows)
+        self.dataset = self._dataset(self.train_rows, teacher=config.kl_weight > 0)
         self.order = DataOrder(len(self.dataset), config.seed, config.videos_per_device, self.dist.world_size,
                                config.grad_accum)
         self.hypernet = _build_hypernet(config, self.vlm).to(device=device, dtype=torch.float32).train()
@@ -293,13 +316,13 @@ class Trainer:
         self.train_adapters = _Adapters(self.ddp or module, alpha)
         self.eval_adapters = _Adapters(module, alpha)
 
-    def _dataset(self, rows: list[ManifestRow]) -> _TrainVideos:
+    def _dataset(self, rows: list[ManifestRow], *, teacher: bool = False) -> _TrainVideos:
         return _TrainVideos(rows, self.vlm.preprocessor, questions_per_video=self.config.questions_per_video,
-                            cache=self.cache)
+                            cache=self.cache, teacher=teacher)
 
     def _loader(self, dataset: _TrainVideos, batches) -> DataLoader:
-        return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers,
-                          collate_fn=_Collate(self.vlm.tokenizer, self.vlm.preprocessor, self.config.instruction),
+        collate = _Collate(self.vlm.tokenizer, self.vlm.preprocessor, self.config.instruction, teacher=dataset.teacher)
+        return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers, collate_fn=collate,
                           generator=torch.Generator().manual_seed(self.config.seed))
 
     # ---- checkpoints ------------------------------------------------------------------------
@@ -392,8 +415,9 @@ class Trainer:
         device = self.dist.device
         return pad_videos([(f.to(device), m.to(device)) for f, m in per_video])
 
-    def _loss(self, micro: _Micro, adapters: _Adapters) -> tuple[torch.Tensor, int]:
-        """Spec §7's CE of this rank's share of a micro-step (mean over its rows) and its row count."""
+    def _loss(self, micro: _Micro, adapters: _Adapters) -> tuple[LossTerms, int]:
+        """Spec §7's objective of this rank's share of a micro-step (CE, and with a teacher batch
+        CE + kl_weight · KL; each a mean over its rows) and its row count."""
         features, mask = self._features(micro)
         prompts = [row.prompt for rows in micro.rows for row in rows]
         targets = [row.target_text for rows in micro.rows for row in rows]
@@ -401,7 +425,13 @@ class Trainer:
         batch = student_batch(self.vlm.tokenizer, prompts, targets, row_video)
         autocast = self.config.bf16 and self.dist.device.type == "cuda"
         with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=autocast):
-            return adapter_loss(adapters, self.vlm.model, features, mask, batch), len(prompts)
+            teacher = None
+            if micro.teacher is not None:
+                teacher = teacher_answer_logits(self.vlm.model, micro.teacher)
+            terms = adapter_objective(adapters, self.vlm.model, features, mask, batch, teacher=teacher,
+                                      kl_weight=self.config.kl_weight if teacher is not None else 0.0,
+                                      kl_temperature=self.config.kl_temperature)
+        return terms, len(prompts)
 
     def _rows_of(self, items: list[int]) -> int:
         return sum(len(self.dataset.items[i]) for i in items)
@@ -410,17 +440,19 @@ class Trainer:
         """One optimizer step over ``grad_accum`` micro-batches of this rank; returns its metrics."""
         started = time.perf_counter()
         lr = self.scheduler.get_last_lr()[0]
-        logged = 0.0
+        logged = [0.0, 0.0, 0.0]  # loss, ce, kl: each the global batch's mean over rows
         for micro_index in range(self.config.grad_accum):
             micro = next(micros)
             global_rows = sum(self._rows_of(items) for items in self.order.micro_step(self.step, micro_index))
             last = micro_index == self.config.grad_accum - 1
             sync = contextlib.nullcontext() if last or self.ddp is None else self.ddp.no_sync()
             with sync:
-                loss, rows = self._loss(micro, self.train_adapters)
+                terms, rows = self._loss(micro, self.train_adapters)
                 share = rows / global_rows / self.config.grad_accum
-                (loss * share * self.dist.world_size).backward()
-            logged += float(loss.detach()) * share
+                (terms.loss * share * self.dist.world_size).backward()
+            for k, value in enumerate((terms.loss, terms.ce, terms.kl)):
+                if value is not None:
+                    logged[k] += float(value.detach()) * share
         grad_norm = None
         if self.config.max_grad_norm > 0:
             grad_norm = float(torch.nn.utils.clip_grad_norm_(self.hypernet.parameters(), self.config.max_grad_norm))
@@ -428,8 +460,9 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.last_loss = self._all_sum([logged])[0]
-        return {"step": self.step, "loss": self.last_loss, "lr": lr, "grad_norm": grad_norm,
+        self.last_loss, ce, kl = self._all_sum(logged)
+        kl_terms = {"ce": ce, "kl": kl} if self.config.kl_weight > 0 else {}
+        return {"step": self.step, "loss": self.last_loss, **kl_terms, "lr": lr, "grad_norm": grad_norm,
                 "epoch": (self.step * self.order.global_batch) / len(self.dataset),
                 "seconds": round(time.perf_counter() - started, 4)}
 
@@ -446,8 +479,8 @@ class Trainer:
         total, rows = 0.0, 0
         self.hypernet.eval()
         for micro in self._loader(dataset, batches):
-            loss, n = self._loss(micro, self.eval_adapters)
-            total, rows = total + float(loss) * n, rows + n
+            terms, n = self._loss(micro, self.eval_adapters)
+            total, rows = total + float(terms.ce) * n, rows + n
         self.hypernet.train()
         total, rows = self._all_sum([total, rows])
         return total / rows
