@@ -23,7 +23,7 @@ from v2l_fast.errors import check_tensor, fail
 
 FORMAT = "v2l_fast.adapters/1"
 # Fingerprint fields that must match for adapters to fit a model (the name is informative only).
-_MATCHED = ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256")  # dimensions first
+MATCHED_FIELDS = ("num_layers", "hidden_size", "intermediate_size", "down_proj_sha256")  # dimensions first
 _HASHED_VALUES_PER_LAYER = 1 << 16
 
 
@@ -96,10 +96,10 @@ class Adapters:
         ``fingerprint`` must give L, H and I; without ``down_proj_sha256`` the weights are not
         compared (a fingerprint of dimensions only).
         """
-        if not isinstance(fingerprint, dict) or any(key not in fingerprint for key in _MATCHED[:3]):
-            fail("fingerprint", f"a base-model fingerprint dict with {', '.join(_MATCHED[:3])}",
+        if not isinstance(fingerprint, dict) or any(key not in fingerprint for key in MATCHED_FIELDS[:3]):
+            fail("fingerprint", f"a base-model fingerprint dict with {', '.join(MATCHED_FIELDS[:3])}",
                  fingerprint if not isinstance(fingerprint, dict) else f"keys {sorted(fingerprint)}")
-        check_fits(name, "adapters", self.base, {key: fingerprint[key] for key in _MATCHED if key in fingerprint},
+        check_fits(name, "adapters", self.base, {key: fingerprint[key] for key in MATCHED_FIELDS if key in fingerprint},
                    names=(self.base.get("name"), fingerprint.get("name")))
 
     def __len__(self) -> int:

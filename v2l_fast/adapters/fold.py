@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from v2l_fast.adapters.core import _MATCHED, Adapters, base_fingerprint
+from v2l_fast.adapters.core import MATCHED_FIELDS, Adapters, base_fingerprint
 from v2l_fast.compat import check_fits
 from v2l_fast.errors import check_tensor, fail
 
@@ -72,7 +72,7 @@ class FoldedBias:
         same alpha, and every one of them ends with exactly the folded bias block."""
         if not isinstance(adapters, Adapters):
             fail(name, "an Adapters", type(adapters).__name__)
-        check_fits(name, "adapters", adapters.base, {key: self.base[key] for key in _MATCHED},
+        check_fits(name, "adapters", adapters.base, {key: self.base[key] for key in MATCHED_FIELDS},
                    names=(adapters.base.get("name"), self.base.get("name")))
         if adapters.alpha != self.alpha:
             fail(name, f"adapters of alpha {self.alpha} (the folded bias block's)", f"alpha {adapters.alpha}")

@@ -37,7 +37,7 @@ from contextlib import contextmanager
 
 import torch
 
-from v2l_fast.adapters.core import _MATCHED, Adapters, base_fingerprint
+from v2l_fast.adapters.core import MATCHED_FIELDS, Adapters, base_fingerprint
 from v2l_fast.adapters.fold import FoldedBias, fold_bias
 from v2l_fast.compat import check_fits
 from v2l_fast.data.manifest import fsync_folder
@@ -202,7 +202,7 @@ def import_peft(directory: str | os.PathLike, *, base: torch.nn.Module | dict | 
         alpha, rows = float(metadata["v2l_fast.alpha"]), int(metadata["v2l_fast.rank"])
         fingerprint, bias_rank = json.loads(metadata["v2l_fast.base"]), int(metadata["v2l_fast.bias_rank"])
         if mine is not None:
-            check_fits("directory", "adapters", fingerprint, {key: mine[key] for key in _MATCHED},
+            check_fits("directory", "adapters", fingerprint, {key: mine[key] for key in MATCHED_FIELDS},
                        names=(fingerprint.get("name"), mine.get("name")))
     else:
         if mine is None:

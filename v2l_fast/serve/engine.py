@@ -34,7 +34,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from v2l_fast.adapters.core import _MATCHED, Adapters, base_fingerprint
+from v2l_fast.adapters.core import MATCHED_FIELDS, Adapters, base_fingerprint
 from v2l_fast.adapters.fold import FoldedBias, bias_digest, fold_bias, folded_bias_of
 from v2l_fast.adapters.store import AdapterNotFound, AdapterPool, AdapterStore, PoolExhausted, check_adapter_id
 from v2l_fast.api import conversation_ids, question_ids, visual_token_ids
@@ -187,7 +187,7 @@ class Engine:
         self.folded = self._fold(model, hypernet, fold)
         base = self.folded.base if self.folded is not None else base_fingerprint(model)
         if store is not None and store.base is not None:
-            check_fits("store", "an adapter store", store.base, {key: base[key] for key in _MATCHED},
+            check_fits("store", "an adapter store", store.base, {key: base[key] for key in MATCHED_FIELDS},
                        names=(store.base.get("name"), base.get("name")))
         self.store = store if store is not None else AdapterStore(base=base)
         targets = down_proj_targets(model)
