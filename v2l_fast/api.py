@@ -37,7 +37,9 @@ from v2l_fast.vlm.video import Video, read_video
 DEFAULT_MAX_NEW_TOKENS = 128
 
 
-def _as_list(items, name: str, single: tuple[type, ...]) -> list:
+def as_list(items, name: str, single: tuple[type, ...]) -> list:
+    """``items`` as a non-empty list: one item of a ``single`` type becomes ``[item]``; anything
+    else that is not a non-empty sequence is refused naming ``name``."""
     if isinstance(items, single):
         return [items]
     if not isinstance(items, Sequence) or not items:
@@ -56,7 +58,9 @@ def _as_video(item, vlm: VLM, index: int) -> Video:
          type(item).__name__)
 
 
-def _chunks(n: int, batch_size: int | None, progress: bool | None, desc: str):
+def batch_ranges(n: int, batch_size: int | None, progress: bool | None, desc: str):
+    """``(start, end)`` of consecutive batches of at most ``batch_size`` of ``n`` items (None: one
+    batch), under a tqdm bar named ``desc`` (None: shown when there is more than one batch)."""
     size = n if batch_size is None else batch_size
     if not isinstance(size, int) or size < 1:
         fail("batch_size", "a positive int or None", batch_size)
@@ -77,7 +81,7 @@ def _check_backend(backend: str, device: torch.device) -> None:
 
 
 @contextmanager
-def _backend_scope(backend: str, device: torch.device):
+def backend_scope(backend: str, device: torch.device):
     """Run the block with ``backend`` for every op (``"auto"``: the setting in force)."""
     _check_backend(backend, device)
     if backend == "auto":
@@ -87,7 +91,19 @@ def _backend_scope(backend: str, device: torch.device):
             yield
 
 
-def _check_hypernet(hypernet, model: torch.nn.Module) -> None:
+def check_base_model(vlm: VLM) -> None:
+    """Refuse a VLM whose ``down_proj`` is not the base model's (a LoRA patch on it, or a folded
+    bias block): internalization reads the base model's features."""
+    if is_patched(vlm.model):
+        fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
+             "a patched model")
+    if folded_bias_of(vlm.model) is not None:
+        fail("vlm", "a model whose down_proj holds no folded bias block while internalizing (features come from "
+             "the base model; serve.internalizer.unfolded_copy keeps one beside a serving engine)", "a folded model")
+
+
+def check_hypernet(hypernet, model: torch.nn.Module) -> None:
+    """Refuse a hypernetwork made for a model of other dimensions than ``model``."""
     check_fits("hypernet", "a hypernetwork", base_dimensions(hypernet.config), base_dimensions(model))
 
 
@@ -110,18 +126,13 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
     Returns:
         `Adapters` with one adapter per video, in order, tagged with the VLM's fingerprint.
     """
-    videos = _as_list(videos, "videos", (str, os.PathLike, Video))
-    _check_hypernet(hypernet, vlm.model)
-    if is_patched(vlm.model):
-        fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
-             "a patched model")
-    if folded_bias_of(vlm.model) is not None:
-        fail("vlm", "a model whose down_proj holds no folded bias block while internalizing (features come from "
-             "the base model; serve.internalizer.unfolded_copy keeps one beside a serving engine)", "a folded model")
+    videos = as_list(videos, "videos", (str, os.PathLike, Video))
+    check_hypernet(hypernet, vlm.model)
+    check_base_model(vlm)
     hn_device = next(hypernet.parameters()).device
     A, B, alpha = [], [], None
-    with _backend_scope(backend, hn_device):
-        for start, end in _chunks(len(videos), batch_size, progress, "internalize"):
+    with backend_scope(backend, hn_device):
+        for start, end in batch_ranges(len(videos), batch_size, progress, "internalize"):
             clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
             batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
                                       pad_token_id=pad_id(vlm.tokenizer))
@@ -181,7 +192,7 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
     Returns:
         The decoded answers (special tokens skipped, whitespace stripped), in order.
     """
-    prompts = _as_list(prompts, "prompts", (str,))
+    prompts = as_list(prompts, "prompts", (str,))
     for i, prompt in enumerate(prompts):
         if not isinstance(prompt, str):
             fail(f"prompts[{i}]", "a str", type(prompt).__name__)
@@ -201,16 +212,17 @@ def ask(adapters: Adapters | None, prompts, *, vlm: VLM, max_new_tokens: int = D
                  repr(prompts[i][:80]))
     answers: list[str] = []
     pad = pad_id(tokenizer)
-    with _backend_scope(backend, vlm.device):
-        for start, end in _chunks(len(prompts), batch_size, progress, "ask"):
-            input_ids, attention_mask = _left_pad(ids[start:end], pad, vlm.device)
+    with backend_scope(backend, vlm.device):
+        for start, end in batch_ranges(len(prompts), batch_size, progress, "ask"):
+            input_ids, attention_mask = left_pad(ids[start:end], pad, vlm.device)
             chunk = adapters[start:end].to(vlm.device) if adapters is not None else None
-            answers += _generate(model, chunk, input_ids, attention_mask, max_new_tokens, pad,
+            answers += greedy_answers(model, chunk, input_ids, attention_mask, max_new_tokens, pad,
                                  tokenizer.eos_token_id, tokenizer)
     return answers
 
 
-def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(input_ids, attention_mask)`` ``[rows, width]`` of token rows left-padded with ``pad``."""
     width = max(map(len, rows))
     input_ids = torch.full((len(rows), width), pad, dtype=torch.long)
     attention_mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -221,7 +233,7 @@ def _left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, to
 
 
 @torch.no_grad()
-def _generate(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer,
+def greedy_answers(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer,
               **model_inputs) -> list[str]:
     """Greedy answers of a left-padded batch, decoded and stripped; ``model_inputs`` (pixels of
     the teacher's video prompts) go to ``generate`` as they are."""
@@ -245,7 +257,7 @@ class Session:
     """
 
     def __init__(self, vlm: VLM, hypernet, *, backend: str = "auto"):
-        _check_hypernet(hypernet, vlm.model)
+        check_hypernet(hypernet, vlm.model)
         _check_backend(backend, vlm.device)
         self.vlm, self.hypernet, self.backend = vlm, hypernet, backend
 

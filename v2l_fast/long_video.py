@@ -36,13 +36,12 @@ import torch
 
 from v2l_fast import ops
 from v2l_fast.adapters import Adapters, base_fingerprint
-from v2l_fast.api import _as_list, _backend_scope, _check_hypernet, _chunks, pad_id
+from v2l_fast.api import as_list, backend_scope, batch_ranges, check_base_model, check_hypernet, pad_id
 from v2l_fast.errors import fail
 from v2l_fast.hypernet.compose import combine_lora
 from v2l_fast.vlm.features import extract_features
 from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, build_video_batch
 from v2l_fast.vlm.load import VLM
-from v2l_fast.vlm.lora_patch import is_patched
 from v2l_fast.vlm.video import Video, read_video
 
 # Frames read from a file when the segments are given by length (``segment_frames``) and
@@ -139,11 +138,9 @@ def internalize_long(videos, *, vlm: VLM, hypernet, segments: int | None = None,
     """
     if isinstance(videos, np.ndarray) and videos.ndim == 4:  # one video's frames [F, H, W, 3]
         videos = [videos]
-    videos = _as_list(videos, "videos", (str, os.PathLike, Video))
-    _check_hypernet(hypernet, vlm.model)
-    if is_patched(vlm.model):
-        fail("vlm", "a model without a LoRA patch while internalizing (features come from the base model)",
-             "a patched model")
+    videos = as_list(videos, "videos", (str, os.PathLike, Video))
+    check_hypernet(hypernet, vlm.model)
+    check_base_model(vlm)
     check_split(segments, segment_frames)
     if max_rank is not None:
         _positive("max_rank", max_rank)
@@ -162,8 +159,8 @@ def internalize_long(videos, *, vlm: VLM, hypernet, segments: int | None = None,
         sizes.append(len(bounds))
     hn_device = next(hypernet.parameters()).device
     gen_A, gen_B, out = [], [], None
-    with _backend_scope(backend, hn_device):
-        for start, end in _chunks(len(clips), batch_size, progress, "internalize segments"):
+    with backend_scope(backend, hn_device):
+        for start, end in batch_ranges(len(clips), batch_size, progress, "internalize segments"):
             batch = build_video_batch(clips[start:end], instruction, vlm.tokenizer, vlm.preprocessor,
                                       pad_token_id=pad_id(vlm.tokenizer))
             features, mask = extract_features(vlm.model, batch)

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field, replace
 import torch
 from tqdm.auto import tqdm
 
-from v2l_fast.api import _generate, _left_pad, pad_id
+from v2l_fast.api import greedy_answers, left_pad, pad_id
 from v2l_fast.data.loader import describe_rows
 from v2l_fast.data.manifest import ManifestRow, fsync_folder, read_manifest, row_line, write_manifest
 from v2l_fast.errors import fail
@@ -66,9 +66,9 @@ def video_answers(videos: Sequence[Video], prompts: Sequence[str], vlm: VLM, *, 
     tokenizer, pad = vlm.tokenizer, pad_id(vlm.tokenizer)
     ids = [tokenizer(teacher_prompt(video, prompt, vlm), add_special_tokens=False)["input_ids"]
            for video, prompt in zip(videos, prompts)]
-    input_ids, attention_mask = _left_pad(ids, pad, vlm.device)
+    input_ids, attention_mask = left_pad(ids, pad, vlm.device)
     pixel_values, pixel_mask = pad_frames([pixels[id(video)] for video in videos], vlm.preprocessor.max_image_size)
-    return _generate(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
+    return greedy_answers(vlm.model, None, input_ids, attention_mask, max_new_tokens, pad, tokenizer.eos_token_id,
                      tokenizer, pixel_values=pixel_values.to(vlm.device, vlm.dtype),
                      pixel_attention_mask=pixel_mask.to(vlm.device))
 
