@@ -11,6 +11,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 
 import v2l_fast
 from v2l_fast.adapters import Adapters, base_fingerprint
@@ -25,7 +26,6 @@ from v2l_fast.adapters.peft import (
     vllm_rank,
 )
 from v2l_fast.api import question_ids
-from v2l_fast.cli import main
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.reference.compose_adapters import truncate_rank
 from v2l_fast.testing import rel_error, tiny_hypernet
@@ -277,13 +277,6 @@ def test_a_failed_export_leaves_nothing(adapters, tmp_path, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_export_peft(made, tmp_path, capsys):

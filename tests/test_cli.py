@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 
 import v2l_fast
 from v2l_fast.adapters import Adapters
@@ -25,14 +26,6 @@ from v2l_fast.vlm.factory import image_seq_len, random_smolvlm, tiny_smolvlm_tok
 QUESTIONS = ["What is shown?", "Is anyone moving at all?"]
 
 
-def run(capsys, *argv) -> tuple[int, str, str]:
-    """``main(argv)``: (exit code, stdout, stderr); argparse's own exits count as exit codes."""
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def assert_bad_input(result, *fragments: str) -> None:

@@ -8,10 +8,10 @@ import re
 import numpy as np
 import pytest
 import torch
+from cli_run import run
 
 import v2l_fast
 from v2l_fast.adapters import Adapters
-from v2l_fast.cli import main
 from v2l_fast.hypernet import save_frames2lora
 from v2l_fast.hypernet.compose import combine_lora
 from v2l_fast.long_video import compose_segments, internalize_long, segment_bounds, split_video
@@ -189,13 +189,6 @@ def on_disk(tmp_path_factory, session):
             "video": str(video), "root": root}
 
 
-def run(capsys, *argv):
-    try:
-        code = main([str(a) for a in argv])
-    except SystemExit as exit:
-        code = exit.code
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
 
 
 def test_cli_internalize_segments_and_max_rank(on_disk, capsys):

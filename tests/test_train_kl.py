@@ -13,7 +13,7 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_world import save_tiny_vlm, tiny_config, write_clips
+from train_world import killed_after_step_3_then_resumed, save_tiny_vlm, tiny_config, write_clips
 
 from v2l_fast.api import pad_id
 from v2l_fast.cli import main
@@ -307,19 +307,7 @@ def test_a_run_with_kl_killed_mid_way_and_resumed_ends_bit_identical(world, monk
     assert all(torch.equal(v, frozen[k]) for k, v in vlm.model.state_dict().items()), "the VLM changed"
 
     killed = whole.replace(out_dir=str(world / "killed"), num_workers=2)
-    step = Trainer.train_step
-
-    def dies_after_step_3(self, micros):
-        out = step(self, micros)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", dies_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed, vlm=vlm)
-    monkeypatch.undo()
-    resumed = train(killed, vlm=vlm)
+    resumed = killed_after_step_3_then_resumed(monkeypatch, killed, vlm)
     assert resumed.resumed_from.endswith("step-00000002") and resumed.step == 6
 
     a = load_file(f"{whole.out_dir}/checkpoints/step-00000006/hypernet/model.safetensors")

@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_world import tiny_config, write_clips
+from train_world import killed_after_step_3_then_resumed, tiny_config, write_clips
 
 from v2l_fast.cli import main
 from v2l_fast.train import trainer as trainer_module
@@ -56,19 +56,7 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical_to_an_uninterrupted
     # the same run, killed after step 3 (its last checkpoint is step 2), then started again with
     # DataLoader workers; every video's features now come from the cache the first run wrote
     killed = whole.replace(out_dir=str(world / "killed"), num_workers=2)
-    step = Trainer.train_step
-
-    def dies_after_step_3(self, micros):
-        out = step(self, micros)
-        if self.step == 3:
-            raise KeyboardInterrupt
-        return out
-
-    monkeypatch.setattr(Trainer, "train_step", dies_after_step_3)
-    with pytest.raises(KeyboardInterrupt):
-        train(killed, vlm=vlm)
-    monkeypatch.undo()
-    resumed = train(killed, vlm=vlm)
+    resumed = killed_after_step_3_then_resumed(monkeypatch, killed, vlm)
     assert resumed.resumed_from.endswith("step-00000002") and resumed.step == 6
 
     a, b = final_weights(whole.out_dir), final_weights(killed.out_dir)

@@ -51,3 +51,25 @@ def tiny_config(root, **overrides) -> TrainConfig:
                     eval_every=3, save_every=2, keep_last=2, num_workers=0, progress=False, seed=7)
     settings.update(overrides)
     return TrainConfig(**settings)
+
+
+def killed_after_step_3_then_resumed(monkeypatch, config: TrainConfig, vlm):
+    """Run ``config`` until its third step is done, interrupt it there (its last checkpoint is
+    step 2), then start it again; returns the second run's `TrainResult`."""
+    import pytest
+
+    from v2l_fast.train.trainer import Trainer, train
+
+    step = Trainer.train_step
+
+    def dies_after_step_3(self, micros):
+        out = step(self, micros)
+        if self.step == 3:
+            raise KeyboardInterrupt
+        return out
+
+    with monkeypatch.context() as patch:
+        patch.setattr(Trainer, "train_step", dies_after_step_3)
+        with pytest.raises(KeyboardInterrupt):
+            train(config, vlm=vlm)
+    return train(config, vlm=vlm)
