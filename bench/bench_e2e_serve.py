@@ -7,7 +7,9 @@ adapters (rank 16: the per-video rows a bias-folded base serves), same base weig
   one packed forward per step, one `lora_sgmv` per layer over all adapters);
 - ``peft-mixed``: peft's mixed-adapter batch, one ``generate`` over the 512 rows with
   ``adapter_names`` (peft loops over the adapters present inside every LoRA layer);
-- ``peft-swap``: one video at a time, ``set_adapter`` then ``generate`` of its 8 questions.
+- ``peft-swap``: one video at a time, ``set_adapter`` then ``generate`` of its 8 questions;
+- ``engine-base``: the floor, the engine answering the same requests without adapters
+  (``engine_speedup_vs_engine-base`` near 1 means the 64 adapters cost next to nothing).
 
 Every provider generates exactly ``NEW_TOKENS`` per request (end-of-sequence ignored: a random
 model emits it at random), and the engine's tokens are checked against peft's mixed batch.
@@ -122,7 +124,13 @@ def test_engine_throughput(benchmark, bench_record, name):
             rows_v = input_ids[v * QUESTIONS:(v + 1) * QUESTIONS]
             peft_model.generate(input_ids=rows_v, attention_mask=torch.ones_like(rows_v), **generate)
 
-    steps = {"engine": run_engine, "peft-mixed": run_peft_mixed, "peft-swap": run_peft_swap}
+    def run_engine_base():  # the floor: the same requests on the base model, no adapter
+        for r in rows:
+            engine.submit(prompt_ids=r, params=params)
+        engine.run_until_done()
+
+    steps = {"engine": run_engine, "engine-base": run_engine_base, "peft-mixed": run_peft_mixed,
+             "peft-swap": run_peft_swap}
     text = model.config.text_config
 
     def derive(provider, times):
