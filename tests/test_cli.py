@@ -140,6 +140,8 @@ def test_info_lists_versions_build_and_backends(capsys):
     assert f"v2l_fast {v2l_fast.__version__}" in out and f"torch         {torch.__version__}" in out
     assert f"available backends: {', '.join(available_backends())}\n" in out
     assert f"built         {v2l_fast.build_info()['built']}" in out
+    from importlib.metadata import version
+    assert f"fastapi       {version('fastapi')} (optional: v2l-fast serve)" in out
     assert re.search(r"auto on cpu: perceiver_attention=\w+, swiglu_mlp=\w+, compose_adapters=\w+, lora_sgmv=\w+",
                      out)
 

@@ -1,5 +1,6 @@
-"""``v2l-fast info``: versions, how ``v2l_fast._C`` was built, the backends that run here (and
-why the others cannot), and the backend ``auto`` picks for each op of the stack on each device."""
+"""``v2l-fast info``: versions (the optional packages too, with what needs them), how
+``v2l_fast._C`` was built, the backends that run here (and why the others cannot), and the backend
+``auto`` picks for each op of the stack on each device."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import torch
 import v2l_fast
 from v2l_fast.cli.common import format_backends
 from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
+
+# Packages outside the core install and what needs them (pip extras of pyproject.toml).
+OPTIONAL_PACKAGES = {"fastapi": "v2l-fast serve", "uvicorn": "v2l-fast serve",
+                     "peft": "loading an export-peft directory in peft; the bench peers"}
 
 
 def add_parser(commands) -> None:
@@ -34,6 +39,8 @@ def run_info(args, device: torch.device) -> int:
     print(f"v2l_fast {v2l_fast.__version__} (python {sys.version.split()[0]})")
     for package in ("torch", "triton", "transformers", "safetensors", "av"):
         print(f"  {package:<13} {_version(package)}")
+    for package, needed_by in OPTIONAL_PACKAGES.items():
+        print(f"  {package:<13} {_version(package)} (optional: {needed_by})")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"  {'CUDA device':<13} {cuda}")
     print("build_info")
