@@ -249,3 +249,20 @@ def test_module_entry_point_exits_2_without_traceback(tmp_path):
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr.strip() == ("v2l-fast internalize: error: video file: expected an existing file, got "
                                    f"{str(tmp_path / 'gone.mp4')!r}, which was not found")
+
+
+def test_a_reader_that_stops_early_is_not_an_error():
+    """``v2l-fast info | head -1``: a closed pipe ends the command quietly, exit code 0. The pipe
+    is closed before the command starts, so every write of it fails."""
+    import os
+    import subprocess
+    import sys
+
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    try:
+        proc = subprocess.run([sys.executable, "-m", "v2l_fast", "info"], stdout=write_end, stderr=subprocess.PIPE,
+                              timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.returncode == 0 and proc.stderr == b""

@@ -21,6 +21,7 @@ exit code 2.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Sequence
 
@@ -52,6 +53,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         device = pick_device(getattr(args, "device", None))
         with backend_scope(getattr(args, "backend", None), device):
             return args.run(args, device)
+    except BrokenPipeError:  # the reader went away (`v2l-fast info | head`): nothing more to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # no second error at exit's flush
+        return 0
     except (ValueError, OSError) as err:  # every bad-input error of the stack is one of these
         print(f"{PROG} {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
         return EXIT_BAD_INPUT
