@@ -365,3 +365,16 @@ def test_a_failing_step_fails_its_requests_and_the_engine_goes_on(models, expect
         after = engine.submit(PROMPTS[0], adapter="video-0", params=SamplingParams(max_tokens=MAX_TOKENS))
         assert after.result(timeout=60).text.strip() == expected[0, 0]
     assert engine.stats()["free_kv_slots"] == 2 and engine.stats()["pool"]["pinned"] == 1
+
+
+def test_refused_engine_arguments_leave_the_model_unfolded(models):
+    from v2l_fast.adapters.fold import folded_bias_of
+
+    _, hypernet, _ = models
+    vlm = tiny_vlm(seed=7, longest_edge=64, max_frames=3)
+    with pytest.raises(ValueError, match="budget_bytes: expected at least"):
+        Engine(vlm, hypernet=hypernet, pool_bytes=1)
+    with pytest.raises(ValueError, match="max_batch: expected an int >= 1, got 0"):
+        Engine(vlm, hypernet=hypernet, max_batch=0)
+    assert folded_bias_of(vlm.model) is None
+    assert Engine(vlm, hypernet=hypernet).folded == folded_bias_of(vlm.model) is not None

@@ -184,8 +184,8 @@ class Engine:
         if type(max_len) is not int or max_len < 2:
             fail("max_len", "an int >= 2", max_len)
         self.vlm, self.tokenizer = vlm, vlm.tokenizer
-        self.folded = self._fold(model, hypernet, fold)
-        base = self.folded.base if self.folded is not None else base_fingerprint(model)
+        folded_before = folded_bias_of(model)
+        base = folded_before.base if folded_before is not None else base_fingerprint(model)  # the unfolded model's
         if store is not None and store.base is not None:
             check_fits("store", "an adapter store", store.base, {key: base[key] for key in MATCHED_FIELDS},
                        names=(store.base.get("name"), base.get("name")))
@@ -196,6 +196,8 @@ class Engine:
                                 out_features=targets[0].out_features, max_rank=max_rank, budget_bytes=pool_bytes,
                                 device=targets[0].weight.device, scaling=alpha)
         self.decoder = PackedDecoder(model, num_slots=max_batch, max_len=max_len, backend=backend)
+        # Last: everything that can refuse the arguments has run, so a refusal leaves the model unfolded.
+        self.folded = folded_before or self._fold(model, hypernet, fold)
         self._base_slot = self._pin_unfold(hypernet)
         self._A_layers, self._B_layers = self.pool.A.unbind(1), self.pool.B.unbind(1)
         self.max_len, self.max_prefill_tokens, self.max_queue = max_len, max_prefill_tokens, max_queue
@@ -216,9 +218,6 @@ class Engine:
 
     @staticmethod
     def _fold(model, hypernet, fold: bool | None) -> FoldedBias | None:
-        already = folded_bias_of(model)
-        if already is not None:
-            return already
         if fold is None:
             fold = hypernet is not None
         if not fold:
