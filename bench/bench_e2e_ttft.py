@@ -37,7 +37,7 @@ row saying so, with the estimated times: video and internalization = FLOPs × th
 measured on the same model's smaller point (else the last measured point's); LoRA = the same
 model's measured time (it does not grow with the video), else the last one scaled by the FLOPs.
 
-Writes ``bench/results/ttft_<device>.json`` (rows of points not run again are kept) and
+Writes ``bench/results/ttft_<device>.json`` after every point (rows of points not run again are kept) and
 ``ttft_<device>.png`` beside it (`plots.plot_ttft`).
 """
 
@@ -511,13 +511,21 @@ def write_results(rows: list[dict]) -> list:
     return [path, png]
 
 
+class _Rows(list):
+    """The sweep's rows, written out (JSON and plot) after every point: a run stopped part-way
+    (the GPU runbook's per-stage `timeout`) keeps the points it measured."""
+
+    def append(self, row: dict) -> None:
+        super().append(row)
+        self.paths = write_results(self)
+
+
 @pytest.fixture(scope="module")
 def ttft_rows():
-    rows: list[dict] = []
+    rows = _Rows()
     yield rows
-    if rows:
-        for path in write_results(rows):
-            print(f"\nbench results: {path}")
+    for path in getattr(rows, "paths", []):
+        print(f"\nbench results: {path}")
 
 
 # ---------------------------------------------------------------------------------------------
