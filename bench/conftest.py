@@ -3,7 +3,8 @@
 Without either flag the benchmarks are collected but skipped, so a stray `pytest bench/` is
 cheap. Each benchmark records a row through the `bench_record` fixture; at the end of the run
 every module's rows are written to ``bench/results/<module>_<device>.json`` together with the
-device, library versions and the measured copy bandwidth.
+device, library versions and the measured copy bandwidth — after every row, so that a run stopped
+part-way (the GPU runbook's per-stage timeout) keeps what it measured.
 """
 
 from __future__ import annotations
@@ -52,5 +53,6 @@ def bench_record(bench_log, request):
 
     def record(benchmark, **row):
         bench_log.add(module, benchmark, **row)
+        bench_log.write()  # after every row: a run stopped part-way (a stage timeout) keeps its rows
 
     return record
