@@ -62,7 +62,7 @@ def lora_sgmv(
         rows = (tok_adapter == a).nonzero().squeeze(1)
         r = rank_of[a]
         shrunk = x[rows].to(acc) @ A[a, :r].to(acc).T
-        delta = delta.index_add(0, rows, shrunk @ B[a, :r].to(acc))
+        delta.index_add_(0, rows, shrunk @ B[a, :r].to(acc))  # in place: one [T, O] buffer, not one per adapter
     delta = delta * scaling
     if base is None:
         return delta.to(x.dtype)
