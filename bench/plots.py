@@ -31,7 +31,7 @@ def plot_ttft(payload: dict, path: str | Path) -> Path:
     plt = _pyplot()
     rows = [row for row in payload["results"] if row.get("op") == "ttft"]
     models = [m for m in COLOURS if any(row["model"] == m for row in rows)]
-    fig, (ax, ax_tokens) = plt.subplots(1, 2, figsize=(13, 5.5), gridspec_kw={"width_ratios": [3, 2]})
+    fig, (ax, ax_tokens) = plt.subplots(1, 2, figsize=(13, 6.5), gridspec_kw={"width_ratios": [3, 2]})
     for model in models:
         colour = COLOURS[model]
         mine = sorted((row for row in rows if row["model"] == model), key=lambda row: row["frames"])
@@ -77,14 +77,15 @@ def plot_ttft(payload: dict, path: str | Path) -> Path:
         axis.grid(True, which="both", alpha=0.3)
     ax.set_ylabel("time to first token (s)")
     ax.set_title(f"TTFT, {payload.get('device')}, {payload.get('dtype')} (ratio: video / LoRA)", fontsize=10)
-    ax.legend(fontsize=7, loc="upper left")
+    # below both panels, so that no point or ratio label sits under the legend
+    fig.legend(*ax.get_legend_handles_labels(), loc="lower center", ncol=4, fontsize=7, bbox_to_anchor=(0.5, 0.035))
     ax_tokens.set_ylabel("context tokens of the prompt")
     ax_tokens.set_title("context tokens (visual + text)", fontsize=10)
     ax_tokens.legend(fontsize=7, loc="center right")
     fig.text(0.01, 0.01, "filled: measured (median; ratio of medians, and of the fastest calls). hollow: not run here, "
              "estimated (video: FLOPs × measured s/FLOP; LoRA: measured, flat in frames). LoRA path: adapter already "
              "made; internalization (×) is paid once per video.", fontsize=7, alpha=0.8)
-    fig.tight_layout(rect=(0, 0.03, 1, 1))
+    fig.tight_layout(rect=(0, 0.17, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
