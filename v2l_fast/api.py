@@ -107,6 +107,16 @@ def check_hypernet(hypernet, model: torch.nn.Module) -> None:
     check_fits("hypernet", "a hypernetwork", base_dimensions(hypernet.config), base_dimensions(model))
 
 
+def generate_adapters(clips: list[Video], *, vlm: VLM, hypernet, instruction: str):
+    """One batch of the internalisation: the clips' video prompts through the VLM (stacked layer
+    states) and the hypernetwork, under ``no_grad``; the hypernetwork's `GeneratedAdapters`."""
+    hn_device = next(hypernet.parameters()).device
+    batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor, pad_token_id=pad_id(vlm.tokenizer))
+    features, mask = extract_features(vlm.model, batch)
+    with torch.no_grad():
+        return hypernet.generate(features.to(hn_device), mask.to(hn_device))
+
+
 def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRUCTION,
                 batch_size: int | None = None, progress: bool | None = None, backend: str = "auto") -> Adapters:
     """Turn videos into LoRA adapters: one VLM forward and one hypernetwork forward per batch.
@@ -134,11 +144,7 @@ def internalize(videos, *, vlm: VLM, hypernet, instruction: str = DEFAULT_INSTRU
     with backend_scope(backend, hn_device):
         for start, end in batch_ranges(len(videos), batch_size, progress, "internalize"):
             clips = [_as_video(item, vlm, start + i) for i, item in enumerate(videos[start:end])]
-            batch = build_video_batch(clips, instruction, vlm.tokenizer, vlm.preprocessor,
-                                      pad_token_id=pad_id(vlm.tokenizer))
-            features, mask = extract_features(vlm.model, batch)
-            with torch.no_grad():
-                out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
+            out = generate_adapters(clips, vlm=vlm, hypernet=hypernet, instruction=instruction)
             A.append(out.A)
             B.append(out.B)
             alpha = out.alpha

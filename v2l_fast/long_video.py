@@ -36,11 +36,10 @@ import torch
 
 from v2l_fast import ops
 from v2l_fast.adapters import Adapters, base_fingerprint
-from v2l_fast.api import as_list, backend_scope, batch_ranges, check_base_model, check_hypernet, pad_id
+from v2l_fast.api import as_list, backend_scope, batch_ranges, check_base_model, check_hypernet, generate_adapters
 from v2l_fast.errors import fail
 from v2l_fast.hypernet.compose import combine_lora
-from v2l_fast.vlm.features import extract_features
-from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION, build_video_batch
+from v2l_fast.vlm.frames import DEFAULT_INSTRUCTION
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, read_video
 
@@ -161,11 +160,7 @@ def internalize_long(videos, *, vlm: VLM, hypernet, segments: int | None = None,
     gen_A, gen_B, out = [], [], None
     with backend_scope(backend, hn_device):
         for start, end in batch_ranges(len(clips), batch_size, progress, "internalize segments"):
-            batch = build_video_batch(clips[start:end], instruction, vlm.tokenizer, vlm.preprocessor,
-                                      pad_token_id=pad_id(vlm.tokenizer))
-            features, mask = extract_features(vlm.model, batch)
-            with torch.no_grad():
-                out = hypernet.generate(features.to(hn_device), mask.to(hn_device))
+            out = generate_adapters(clips[start:end], vlm=vlm, hypernet=hypernet, instruction=instruction)
             gen_A.append(out.generated_A)
             gen_B.append(out.generated_B)
         with torch.no_grad():  # the bias block is the hypernetwork's parameter itself
