@@ -10,7 +10,7 @@ import sys
 
 import pytest
 from safetensors.torch import load_file
-from train_world import save_tiny_vlm, write_clips
+from train_world import read_metrics, save_tiny_vlm, write_train_and_val
 
 from v2l_fast.testing import assert_rel_close
 
@@ -33,18 +33,13 @@ def run(argv: list[str]) -> subprocess.CompletedProcess:
     return result
 
 
-def metrics(out_dir) -> list[dict]:
-    with open(out_dir / "metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
-
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run as two CPU processes of 1 video each, and as one process of 2 videos."""
     root = tmp_path_factory.mktemp("ddp")
     # 3 questions per clip cut into items of 2 + 1 rows: the ranks' shards hold unequal row counts
-    write_clips(root, clips=5, questions=3)
-    write_clips(root, clips=2, questions=2, split="val", seed=50)
+    write_train_and_val(root)
     save_tiny_vlm(root / "vlm")
     two = run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "v2l_fast",
                *settings(root), "--videos-per-device", "1", "--out-dir", str(root / "two")])
@@ -61,13 +56,13 @@ def test_torchrun_with_two_cpu_processes_trains_and_only_rank_0_writes(runs):
     with open(root / "two" / "checkpoints" / "step-00000004" / "state.json") as f:
         state = json.load(f)
     assert state["world_size"] == 2 and state["global_batch_videos"] == 4 and state["data_position"] == 4 * STEPS
-    steps = [r["step"] for r in metrics(root / "two")]
+    steps = [r["step"] for r in read_metrics(root / "two")]
     assert steps == [1, 2, 2, 3, 4, 4], "each step logged once (rank 0), evaluations at 2 and 4"
 
 
 def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(runs):
     root, _, _ = runs
-    two, one = metrics(root / "two"), metrics(root / "one")
+    two, one = read_metrics(root / "two"), read_metrics(root / "one")
     assert [sorted(r) for r in two] == [sorted(r) for r in one]
     for a, b in zip(two, one):
         for key in ("loss", "val_ce", "grad_norm", "lr"):

@@ -4,7 +4,6 @@ resumed bit-identically, settings checked)."""
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import subprocess
@@ -13,7 +12,14 @@ import sys
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_world import killed_after_step_3_then_resumed, save_tiny_vlm, tiny_config, write_clips
+from train_world import (
+    killed_after_step_3_then_resumed,
+    read_metrics,
+    save_tiny_vlm,
+    tiny_config,
+    write_clips,
+    write_train_and_val,
+)
 
 from v2l_fast.api import pad_id
 from v2l_fast.cli import main
@@ -226,14 +232,9 @@ def test_the_objective_is_ce_plus_weighted_kl_from_one_lm_head(vlm, videos):
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_kl")
-    write_clips(root, clips=5, questions=3)
-    write_clips(root, clips=2, questions=2, split="val", seed=50)
+    write_train_and_val(root)
     return root
 
-
-def metrics(out_dir) -> list[dict]:
-    with open(f"{out_dir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 @pytest.fixture
@@ -283,7 +284,7 @@ def test_a_run_with_kl_logs_ce_and_kl_and_its_first_loss_is_ce_plus_weighted_kl_
     ce, kl = first_step_terms(trainer)
     result = trainer.run()
     assert result.step == 2
-    logged = metrics(config.out_dir)
+    logged = read_metrics(config.out_dir)
     steps = [r for r in logged if "loss" in r]
     assert [r["step"] for r in steps] == [1, 2] and all({"ce", "kl"} <= r.keys() for r in steps)
     assert kl > 1e-4, "a fresh adapter's student differs from the teacher that sees the video"
@@ -313,9 +314,9 @@ def test_a_run_with_kl_killed_mid_way_and_resumed_ends_bit_identical(world, monk
     a = load_file(f"{whole.out_dir}/checkpoints/step-00000006/hypernet/model.safetensors")
     b = load_file(f"{killed.out_dir}/checkpoints/step-00000006/hypernet/model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
-    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(whole.out_dir)]
-    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(killed.out_dir)]
-    kls = [r["kl"] for r in metrics(whole.out_dir) if "kl" in r]
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(whole.out_dir)]
+    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(killed.out_dir)]
+    kls = [r["kl"] for r in read_metrics(whole.out_dir) if "kl" in r]
     assert len(kls) == 6 and kls[-1] < kls[0], kls
 
     # the KL settings are part of the run: resuming with others is refused
@@ -356,7 +357,7 @@ def test_torchrun_with_kl_on_two_cpu_processes_follows_one_process_with_the_same
                  ["-m", "v2l_fast", *common, "--videos-per-device", "2", "--out-dir", str(tmp_path / "one")]):
         done = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-    two, one = metrics(tmp_path / "two"), metrics(tmp_path / "one")
+    two, one = read_metrics(tmp_path / "two"), read_metrics(tmp_path / "one")
     assert [r["step"] for r in two] == [1, 2] and [sorted(r) for r in two] == [sorted(r) for r in one]
     for a, b in zip(two, one):
         # the KL is a small difference of log-probabilities: fp32 holds fewer of its digits

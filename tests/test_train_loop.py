@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from train_world import killed_after_step_3_then_resumed, tiny_config, write_clips
+from train_world import killed_after_step_3_then_resumed, read_metrics, tiny_config, write_clips, write_train_and_val
 
 from v2l_fast.cli import main
 from v2l_fast.train import trainer as trainer_module
@@ -20,14 +20,9 @@ from v2l_fast.vlm.factory import tiny_vlm
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
     root = tmp_path_factory.mktemp("train_loop")
-    write_clips(root, clips=5, questions=3)
-    write_clips(root, clips=2, questions=2, split="val", seed=50)
+    write_train_and_val(root)
     return root
 
-
-def metrics(out_dir) -> list[dict]:
-    with open(f"{out_dir}/metrics.jsonl") as f:
-        return [json.loads(line) for line in f]
 
 
 def final_weights(out_dir, step=6) -> dict:
@@ -65,11 +60,11 @@ def test_a_run_killed_mid_way_and_resumed_ends_bit_identical_to_an_uninterrupted
     opt_b = torch.load(f"{killed.out_dir}/checkpoints/step-00000006/trainer.pt", weights_only=True)["optimizer"]
     assert all(torch.equal(opt_a["state"][i]["exp_avg_sq"], opt_b["state"][i]["exp_avg_sq"]) for i in opt_a["state"])
     # the metrics log of the resumed run is the uninterrupted one's, each step once
-    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(whole.out_dir)]
-    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in metrics(killed.out_dir)]
-    losses = [r["loss"] for r in metrics(whole.out_dir) if "loss" in r]
-    val = [r["val_ce"] for r in metrics(whole.out_dir) if "val_ce" in r]
-    assert [r["step"] for r in metrics(whole.out_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
+    drop_time = [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(whole.out_dir)]
+    assert drop_time == [{k: v for k, v in r.items() if k != "seconds"} for r in read_metrics(killed.out_dir)]
+    losses = [r["loss"] for r in read_metrics(whole.out_dir) if "loss" in r]
+    val = [r["val_ce"] for r in read_metrics(whole.out_dir) if "val_ce" in r]
+    assert [r["step"] for r in read_metrics(whole.out_dir) if "loss" in r] == [1, 2, 3, 4, 5, 6]
     assert losses[-1] < losses[0] and val[-1] < val[0], (losses, val)
 
 

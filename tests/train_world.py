@@ -73,3 +73,16 @@ def killed_after_step_3_then_resumed(monkeypatch, config: TrainConfig, vlm):
         with pytest.raises(KeyboardInterrupt):
             train(config, vlm=vlm)
     return train(config, vlm=vlm)
+
+
+def write_train_and_val(root) -> None:
+    """The world of the training-loop tests: 5 training clips × 3 questions and 2 validation
+    clips × 2 questions under ``root``."""
+    write_clips(root, clips=5, questions=3)
+    write_clips(root, clips=2, questions=2, split="val", seed=50)
+
+
+def read_metrics(out_dir) -> list[dict]:
+    """The records of a run's ``metrics.jsonl``."""
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
