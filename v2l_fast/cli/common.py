@@ -169,3 +169,23 @@ def check_files(paths: Sequence[str], what: str) -> None:
 def shape(t: torch.Tensor) -> str:
     """``[d0, d1, …]`` of a tensor, for the reports."""
     return "[" + ", ".join(map(str, t.shape)) + "]"
+
+
+EMBEDDED_DEFAULT = "the embedded default (toy SmolVLM2 trained on the synthetic world + its Frames2LoRA, fp32)"
+
+
+def load_models(args, device: torch.device):
+    """``(session, what, embedded)``: ``--vlm`` + ``--hypernet`` (both or neither; ``--dtype``)
+    loaded as a `v2l_fast.Session`, or else the embedded default (`v2l_fast.data.embedded`, fp32,
+    returned as ``embedded`` for its sample clips); ``what`` names them for the console."""
+    import v2l_fast
+    from v2l_fast.data.embedded import embedded_default
+
+    if (args.vlm is None) != (args.hypernet is None):
+        fail("--vlm/--hypernet", "both (a SmolVLM2 and its Frames2LoRA) or neither", "only one")
+    if args.vlm:
+        session = v2l_fast.load(args.vlm, args.hypernet, dtype=DTYPES[args.dtype], device=device)
+        return session, f"{args.vlm} + {args.hypernet} ({args.dtype})", None
+    embedded = embedded_default()
+    session = v2l_fast.load(embedded.vlm, embedded.hypernet, dtype=torch.float32, device=device)
+    return session, EMBEDDED_DEFAULT, embedded

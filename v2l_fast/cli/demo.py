@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 import v2l_fast
-from v2l_fast.cli.common import DTYPES, PROG, Stages, add_runtime_options, format_backends, positive_int, shape
+from v2l_fast.cli.common import PROG, Stages, add_runtime_options, format_backends, load_models, positive_int, shape
 from v2l_fast.errors import fail
 from v2l_fast.ops.registry import current_backend
 
@@ -154,19 +154,12 @@ def _demo_inputs(args, device: torch.device, workdir: str, stage: Stages):
 
     if args.random and (args.vlm or args.hypernet):
         fail("--random", "no --vlm/--hypernet with it (random weights replace them)", "both")
-    if (args.vlm is None) != (args.hypernet is None):
-        fail("--vlm/--hypernet", "both (a SmolVLM2 and its Frames2LoRA) or neither", "only one")
-    embedded = None if args.random or args.vlm else embedded_default()
     with stage("load models"):
         if args.random:
-            session = demo_session(args.seed, device, args.frames)
+            session, embedded = demo_session(args.seed, device, args.frames), None
             what = f"tiny RANDOM SmolVLM2 + fresh Frames2LoRA (seed {args.seed})"
-        elif args.vlm:
-            session = v2l_fast.load(args.vlm, args.hypernet, dtype=DTYPES[args.dtype], device=device)
-            what = f"{args.vlm} + {args.hypernet} ({args.dtype})"
         else:
-            session = v2l_fast.load(embedded.vlm, embedded.hypernet, dtype=torch.float32, device=device)
-            what = "the embedded default: toy SmolVLM2 trained on the synthetic world + its Frames2LoRA"
+            session, what, embedded = load_models(args, device)
     default_questions = list(args.questions or DEMO_QUESTIONS)
     if args.video:
         clips = [DemoClip(path, path, default_questions, None) for path in args.video]

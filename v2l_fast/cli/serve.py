@@ -14,8 +14,7 @@ import time
 
 import torch
 
-import v2l_fast
-from v2l_fast.cli.common import DTYPES, PROG, Stages, add_runtime_options, format_backends, positive_int
+from v2l_fast.cli.common import PROG, Stages, add_runtime_options, format_backends, load_models, positive_int
 from v2l_fast.errors import fail
 
 DEFAULT_PORT = 8000
@@ -146,22 +145,13 @@ def run_serve(args, device: torch.device) -> int:
         fail("serve", "fastapi and uvicorn installed (pip install 'v2l_fast[serve]')", f"ImportError: {err}")
     from v2l_fast.adapters import base_fingerprint
     from v2l_fast.adapters.store import AdapterStore
-    from v2l_fast.data.embedded import embedded_default
     from v2l_fast.serve import Engine
 
-    if (args.vlm is None) != (args.hypernet is None):
-        fail("--vlm/--hypernet", "both (a SmolVLM2 and its Frames2LoRA) or neither", "only one")
     limits = _limits(args)
     sock = _listen(args.host, args.port)  # before the models load: a taken port fails at once
     stage = Stages(device)
-    embedded = None if args.vlm else embedded_default()
     with stage("load models"):
-        if args.vlm:
-            session = v2l_fast.load(args.vlm, args.hypernet, dtype=DTYPES[args.dtype], device=device)
-            what = f"{args.vlm} + {args.hypernet} ({args.dtype})"
-        else:
-            session = v2l_fast.load(embedded.vlm, embedded.hypernet, dtype=torch.float32, device=device)
-            what = "the embedded default (toy SmolVLM2 trained on the synthetic world + its Frames2LoRA, fp32)"
+        session, what, embedded = load_models(args, device)
     vlm, hypernet = session.vlm, session.hypernet
     twin = vlm if args.no_fold else unfolded_copy(vlm)  # internalization needs the unfolded weights
     store = AdapterStore(args.adapters_dir, base=base_fingerprint(vlm.model))
