@@ -453,8 +453,9 @@ class Engine:
                 self._fail_stuck()
 
     def _fail_stuck(self) -> None:
-        """Nothing ran although requests wait: every pool slot is pinned by waiting-free requests
-        — impossible unless the pool holds fewer slots than one request needs; fail the head."""
+        """Nothing ran although requests wait and none runs: the head request's adapter cannot get
+        a pool slot with no request holding one (the pool's only slot is the base model's), so it
+        never will; fail it rather than spin."""
         with self._lock:
             request = self._waiting.popleft()
         self._finish(request, "error", error=f"adapter {request.adapter_id!r}: the adapter pool has no free slot")
