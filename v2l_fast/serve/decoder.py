@@ -51,6 +51,8 @@ class PackedBatch:
             length (host ints): one causal attention call per run, not per prefill.
         max_context: the longest decode context (keys read per decoding request).
         any_adapter: whether any sequence has an adapter (else the LoRA is skipped).
+        decode_mask: ``[D, 1, 1, max_context]`` bool, the cache positions each decoding request
+            sees (its own context), shared by every layer's attention.
     """
 
     input_ids: torch.Tensor
@@ -62,6 +64,7 @@ class PackedBatch:
     prefill_groups: list[tuple[int, int, int]]
     max_context: int
     any_adapter: bool
+    decode_mask: torch.Tensor
 
     @classmethod
     def build(cls, sequences: list[tuple[list[int], int, int, int]], num_decode: int, device) -> PackedBatch:
@@ -85,8 +88,11 @@ class PackedBatch:
         def as_tensor(values):
             return torch.tensor(values, dtype=torch.int64).to(device, non_blocking=True)
 
-        return cls(as_tensor(ids), as_tensor(positions), as_tensor(slots), as_tensor(indptr), as_tensor(adapters),
-                   num_decode, [tuple(g) for g in groups], max_context, any(a >= 0 for a in adapters))
+        positions = as_tensor(positions)
+        decode_mask = torch.arange(max_context, device=device) <= positions[:num_decode, None]
+        return cls(as_tensor(ids), positions, as_tensor(slots), as_tensor(indptr), as_tensor(adapters),
+                   num_decode, [tuple(g) for g in groups], max_context, any(a >= 0 for a in adapters),
+                   decode_mask[:, None, None])
 
 
 class SlotKVCache:
@@ -203,8 +209,7 @@ class PackedDecoder:
             ctx = batch.max_context
             k_ctx = keys[:, :, :ctx].index_select(0, slots)  # [D, kv_heads, ctx, d]
             v_ctx = values[:, :, :ctx].index_select(0, slots)
-            visible = torch.arange(ctx, device=h.device) <= batch.positions[:D, None]  # [D, ctx]
-            out[:D] = F.scaled_dot_product_attention(q[:D, :, None], k_ctx, v_ctx, attn_mask=visible[:, None, None],
+            out[:D] = F.scaled_dot_product_attention(q[:D, :, None], k_ctx, v_ctx, attn_mask=batch.decode_mask,
                                                      scale=scale, enable_gqa=True)[:, :, 0]
         for start, count, length in batch.prefill_groups:
             span = slice(start, start + count * length)
