@@ -83,6 +83,7 @@ def test_the_command_prints_the_table_and_the_wall_time(run, capsys):
     (dict(heldout_seed=-2), r"^heldout_seed: expected an int >= 0 or None, got -2$"),
     (dict(vlm_size="XL"), r"^vlm_size: expected one of \['M', 'S'\], got 'XL'$"),
     (dict(tokens_per_frame=8), r"^tokens_per_frame: expected one of \[4, 16, 64\], got 8$"),
+    (dict(vision_warmup_steps=-1), r"^vision_warmup_steps: expected an int >= 0, got -1$"),
 ])
 def test_a_bad_setting_is_refused_before_any_stage_runs(overrides, message, tmp_path, capsys):
     with pytest.raises(ValueError, match=message):

@@ -23,6 +23,8 @@ HELP = {
     "vlm_batch_videos": "videos per toy-VLM step (each with all its rows)",
     "vlm_lr": "toy VLM peak learning rate",
     "tokens_per_frame": "<image> tokens per frame of the toy VLM (4, 16 or 64)",
+    "vision_warmup_steps": "steps pretraining the toy VLM's vision tower on the clips' scene labels before it "
+                           "learns to answer (0: none)",
     "teacher_clips": "training clips whose questions get teacher targets (the hypernetwork's training set)",
     "teacher_batch": "rows per teacher generate call",
     "teacher_max_new_tokens": "teacher answer length limit",

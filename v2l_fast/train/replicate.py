@@ -36,6 +36,7 @@ from v2l_fast.errors import fail
 STAGES = ("world", "vlm", "teacher", "hypernet", "evaluate")
 REPORT_FILE = "report.json"
 TIMINGS_FILE = "timings.json"
+MAY_BE_ZERO = ("vision_warmup_steps",)  # int settings where 0 turns a step off
 
 
 @dataclass(frozen=True)
@@ -54,6 +55,7 @@ class ReplicateSettings:
     vlm_batch_videos: int = 8
     vlm_lr: float = 1e-3
     tokens_per_frame: int = 16
+    vision_warmup_steps: int = 0  # steps pretraining the vision tower on the clips' scene labels first (0: none)
     # teacher targets (v2l_fast.train.teacher.make_teacher_targets)
     teacher_clips: int = 6000  # the hypernetwork's training clips (it sees each ~4 times)
     teacher_batch: int = 32
@@ -81,8 +83,10 @@ class ReplicateSettings:
             elif field.name.endswith("_lr"):
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                     fail(field.name, "a number > 0", repr(value))
-            elif field.type in ("int", int) and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                fail(field.name, "an int >= 1", repr(value))
+            elif field.type in ("int", int):
+                least = 0 if field.name in MAY_BE_ZERO else 1
+                if isinstance(value, bool) or not isinstance(value, int) or value < least:
+                    fail(field.name, f"an int >= {least}", repr(value))
         if self.vlm_size not in TOY_SHAPES:
             fail("vlm_size", f"one of {sorted(TOY_SHAPES)}", repr(self.vlm_size))
         if self.tokens_per_frame not in TOKENS_PER_FRAME:
@@ -95,8 +99,9 @@ class ReplicateSettings:
 
 # A run of every stage in a few seconds: what the tests and `--quick` use (not a replication).
 QUICK = ReplicateSettings(train_clips=12, val_clips=3, heldout_clips=3, vlm_steps=3, vlm_batch_videos=2,
-                          teacher_clips=10, teacher_batch=8, teacher_max_new_tokens=8, rank=2, latent_size=32,
-                          num_latent_queries=2, num_blocks=1, hypernet_steps=2, videos_per_step=2, eval_batch=4)
+                          vision_warmup_steps=2, teacher_clips=10, teacher_batch=8, teacher_max_new_tokens=8, rank=2,
+                          latent_size=32, num_latent_queries=2, num_blocks=1, hypernet_steps=2, videos_per_step=2,
+                          eval_batch=4)
 
 
 def _paths(out_dir: str) -> dict[str, str]:
@@ -169,7 +174,8 @@ def _vlm(paths, s: ReplicateSettings, progress: bool) -> None:
     from v2l_fast.train.toy_vlm import train_toy_vlm
 
     train_toy_vlm(paths["world"], paths["vlm"], size=s.vlm_size, steps=s.vlm_steps, batch_videos=s.vlm_batch_videos,
-                  lr=s.vlm_lr, seed=s.seed, tokens_per_frame=s.tokens_per_frame, progress=progress)
+                  lr=s.vlm_lr, seed=s.seed, tokens_per_frame=s.tokens_per_frame,
+                  vision_warmup_steps=s.vision_warmup_steps, progress=progress)
 
 
 def _questions_manifest(world: str, split: str, name: str, *, clips: int | None = None) -> str:

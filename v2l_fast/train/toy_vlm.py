@@ -59,6 +59,7 @@ from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
+from v2l_fast.train.vision_warmup import warm_up_vision
 from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, render_video_chat, video_turn
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
@@ -304,7 +305,8 @@ def save_toy_vlm(vlm: VLM, out_dir: str | os.PathLike) -> str:
     return out_dir
 
 
-def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, device) -> torch.device:
+def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, vision_warmup_steps,
+                device) -> torch.device:
     if not os.path.isfile(os.path.join(os.fspath(world_dir), "train.jsonl")):
         fail("world_dir", "a synthetic world folder with train.jsonl (v2l-fast world)", repr(os.fspath(world_dir)))
     for name, value in (("steps", steps), ("batch_videos", batch_videos)):
@@ -312,6 +314,8 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, de
             fail(name, "an int >= 1", repr(value))
     if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
         fail("eval_every", "an int >= 0 (0: evaluate only at the end)", repr(eval_every))
+    if isinstance(vision_warmup_steps, bool) or not isinstance(vision_warmup_steps, int) or vision_warmup_steps < 0:
+        fail("vision_warmup_steps", "an int >= 0 (0: no warm-up)", repr(vision_warmup_steps))
     if not isinstance(lr, (int, float)) or not lr > 0:
         fail("lr", "a number > 0", repr(lr))
     if not isinstance(warmup_ratio, (int, float)) or not 0 <= warmup_ratio < 1:
@@ -326,7 +330,7 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
                   tokenizer: str = "word", tokens_per_frame: int = 16, captions: bool = False, blind: bool = False,
-                  packed: bool = True, progress: bool = True) -> str:
+                  packed: bool = True, vision_warmup_steps: int = 0, progress: bool = True) -> str:
     """Train a toy VLM (all weights) on ``world_dir/train.jsonl`` with the video in context; save it.
 
     Args:
@@ -348,12 +352,15 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         blind: train each question without the video as well (text-only template).
         packed: one row per video holding all its questions as turns (`in_context_batch`), in
             an order drawn per step; False: one row per question (each re-reads the video).
+        vision_warmup_steps: steps of `warm_up_vision` first (the vision tower and connector
+            pretrained on the clips' scene labels; 0: none). Its probe's validation metrics go
+            to ``metrics.jsonl`` and ``toy_vlm.json``.
         progress: tqdm bar with the loss.
 
     Returns:
         ``out_dir``.
     """
-    device = _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, device)
+    device = _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, vision_warmup_steps, device)
     from transformers import get_cosine_schedule_with_warmup
 
     world_dir, out_dir = os.fspath(world_dir), os.fspath(out_dir)
@@ -363,6 +370,9 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                            task_types=("qa", "caption") if captions else ("qa",))
     val_path = os.path.join(world_dir, "val.jsonl")
     val = load_questions(val_path, vlm) if os.path.isfile(val_path) else []
+    warmup = None
+    if vision_warmup_steps:
+        warmup = warm_up_vision(vlm, train, steps=vision_warmup_steps, seed=seed, val=val, progress=progress)
     optimizer = torch.optim.AdamW(vlm.model.parameters(), lr=lr, betas=(0.9, 0.999), eps=1e-8,
                                   weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(steps * warmup_ratio), steps)
@@ -371,6 +381,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     epoch = 0
     with open(os.path.join(out_dir, METRICS_FILE), "w", encoding="utf-8") as metrics, \
             tqdm(range(1, steps + 1), desc="toy VLM", disable=not progress) as bar:
+        if warmup is not None:
+            metrics.write(json.dumps({"vision_warmup": warmup}) + "\n")
         for step in bar:
             started = time.perf_counter()
             while len(order) - position < batch_videos:
@@ -414,7 +426,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
     vlm.model.eval()
     save_toy_vlm(vlm, out_dir)
     info = {"size": size, "tokenizer": tokenizer, "tokens_per_frame": tokens_per_frame, "captions": captions,
-            "blind": blind, "packed": packed, "steps": steps, "batch_videos": batch_videos, "lr": lr,
+            "blind": blind, "packed": packed, "vision_warmup": warmup, "steps": steps,
+            "batch_videos": batch_videos, "lr": lr,
             "warmup_ratio": warmup_ratio, "weight_decay": weight_decay, "seed": seed,
             "world_dir": os.path.abspath(world_dir),
             "train_videos": len(train), "final_loss": loss_value, "train_seconds": round(seconds, 1),
