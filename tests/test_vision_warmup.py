@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from v2l_fast.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, Scene, generate_world
 from v2l_fast.train.toy_vlm import TOY_INFO, build_toy_vlm, load_questions, train_toy_vlm
@@ -114,8 +115,22 @@ def test_the_warm_up_is_a_function_of_its_seed(world):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-def test_train_toy_vlm_records_the_warm_up_it_ran(world, tmp_path):
-    out = train_toy_vlm(world, tmp_path / "vlm", steps=1, batch_videos=2, vision_warmup_steps=2, progress=False)
+def test_after_the_warm_up_only_the_decoder_learns_and_the_run_records_it(world, tmp_path, monkeypatch):
+    import v2l_fast.train.toy_vlm as toy_vlm
+
+    warmed = {}
+
+    def keep_warmed_copy(vlm, *args, **kwargs):
+        result = warm_up_vision(vlm, *args, **kwargs)
+        warmed.update({name: p.detach().clone() for name, p in vlm.model.named_parameters()})
+        return result
+
+    monkeypatch.setattr(toy_vlm, "warm_up_vision", keep_warmed_copy)
+    out = train_toy_vlm(world, tmp_path / "vlm", steps=2, batch_videos=2, vision_warmup_steps=2, progress=False)
+    saved = load_file(f"{out}/model.safetensors")
+    vision = [name for name in warmed if ".vision_model." in name or ".connector." in name]
+    assert vision and all(torch.equal(saved[name], warmed[name]) for name in vision)
+    assert not all(torch.equal(saved[name], warmed[name]) for name in warmed if name not in vision)
     info = json.loads((Path(out) / TOY_INFO).read_text())
     assert info["vision_warmup"]["steps"] == 2 and info["vision_warmup"]["on"] == "val"
     first = json.loads((Path(out) / "metrics.jsonl").read_text().splitlines()[0])
