@@ -93,6 +93,16 @@ def test_the_probe_reads_every_frame_of_every_clip(clips):
     assert direction_logits.shape == (2, len(COLOURS), len(DIRECTIONS))
 
 
+def test_clips_of_different_lengths_are_refused_in_one_line(clips):
+    from v2l_fast.vlm.video import Video
+
+    vlm, train, _ = clips
+    short = Video.from_frames(train[1][0].frames[:5], fps=1)
+    with pytest.raises(ValueError, match=r"^videos: expected clips of one frame count \(a synthetic world's clips\), "
+                                         r"got frame counts \[5, 8\]$"):
+        frame_tokens(vlm, [train[0][0], short])
+
+
 def test_the_warm_up_trains_the_vision_tower_and_connector_only(world):
     vlm = build_toy_vlm("S", seed=0)
     train = load_questions(world / "train.jsonl", vlm)

@@ -108,6 +108,9 @@ class AttributeProbe(torch.nn.Module):
 
 def frame_tokens(vlm: VLM, videos: Sequence[Video]) -> torch.Tensor:
     """``[B, F, T, H]``: the connector's ``<image>`` tokens of each frame of ``videos`` (equal frame counts)."""
+    counts = sorted({len(video.frames) for video in videos})
+    if len(counts) != 1:
+        fail("videos", "clips of one frame count (a synthetic world's clips)", f"frame counts {counts}")
     pixels, mask = pad_frames([vlm.preprocessor.pixel_values(video) for video in videos],
                               vlm.preprocessor.max_image_size)
     inner = vlm.model.model
