@@ -51,11 +51,11 @@ class ReplicateSettings:
     heldout_seed: int | None = None
     # toy VLM (v2l_fast.train.toy_vlm.train_toy_vlm)
     vlm_size: str = "S"
-    vlm_steps: int = 14000
+    vlm_steps: int = 10000
     vlm_batch_videos: int = 8
     vlm_lr: float = 1e-3
     tokens_per_frame: int = 16
-    vision_warmup_steps: int = 0  # steps pretraining the vision tower on the clips' scene labels first (0: none)
+    vision_warmup_steps: int = 1000  # steps pretraining the vision tower on the clips' scene labels first (0: none)
     # teacher targets (v2l_fast.train.teacher.make_teacher_targets)
     teacher_clips: int = 6000  # the hypernetwork's training clips (it sees each ~4 times)
     teacher_batch: int = 32
