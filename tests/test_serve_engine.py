@@ -305,6 +305,54 @@ def test_text_tracker_holds_back_what_may_become_a_stop_string(text, stop, strea
     assert "".join(deltas) + tracker.finish() == final
 
 
+@pytest.fixture(scope="module")
+def byte_level_tokenizer():
+    """A byte-level BPE tokenizer (SmolLM2's kind) trained in-process on text with multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=320, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+                                  special_tokens=["<eos>"], show_progress=False)
+    tok.train_from_iterator(["the naïve red circle moves left — café 漢字 🎥", "a small blue square moves up"] * 20,
+                            trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+def test_text_tracker_streams_the_full_decode_of_any_token_sequence(byte_level_tokenizer):
+    """Incremental decoding gives the text of one full decode, whatever the tokens: multi-byte
+    characters split over tokens, invalid byte runs, special tokens; a stream of a valid text
+    never shows half a character."""
+    tok = byte_level_tokenizer
+    rng = np.random.default_rng(0)
+    sentence = tok("the naïve café: 漢字 🎥 moves left", add_special_tokens=False)["input_ids"]
+    cases = [sentence] + [rng.integers(0, len(tok), 40).tolist() for _ in range(50)]
+    for ids in cases:
+        tracker = TextTracker(tok, ())
+        deltas = [tracker.add(i) for i in ids]
+        assert "".join(deltas) + tracker.finish() == tok.decode(ids, skip_special_tokens=True) == tracker.text
+    streamed = TextTracker(tok, ())
+    assert not any("\ufffd" in streamed.add(i) for i in sentence)
+
+
+def test_text_tracker_decodes_a_short_window_per_token_however_long_the_answer(byte_level_tokenizer):
+    windows = []
+
+    class Counting:
+        def decode(self, ids, skip_special_tokens=True):
+            windows.append(len(ids))
+            return byte_level_tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    ids = byte_level_tokenizer("a small blue square moves up " * 100, add_special_tokens=False)["input_ids"]
+    tracker = TextTracker(Counting(), ("zz",))
+    for i in ids:
+        tracker.add(i)
+    assert len(ids) > 300 and max(windows) <= 4, max(windows)
+    assert tracker.finish() == "" and tracker.text == "a small blue square moves up " * 100
+
+
 def test_composed_long_video_adapters_are_served_like_any_other(models):
     from v2l_fast.long_video import internalize_long
 

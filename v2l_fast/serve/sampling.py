@@ -79,9 +79,13 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
 class TextTracker:
     """The answer text of one request as its tokens arrive: stop strings and streaming deltas.
 
-    Each new token re-decodes the answer (``skip_special_tokens``); the text released to the
-    stream holds back a trailing incomplete character (U+FFFD of a partial UTF-8 sequence) and
+    Decoding is incremental, so a token costs the same at the end of a long answer as at its start:
+    each new token decodes only the tokens since the last committed text plus the chunk before
+    them (their context: byte-level and SentencePiece decoders join a token to what precedes it),
+    and the difference of the two decodes is appended once it does not end in U+FFFD (a partial
+    UTF-8 sequence that later tokens complete). The text released to the stream also holds back
     any suffix that could still grow into a stop string, so a stop string never reaches a client.
+    ``text`` equals the decode of all the tokens (``skip_special_tokens``) once `finish` is called.
     """
 
     def __init__(self, tokenizer, stop: tuple[str, ...]):
@@ -90,35 +94,54 @@ class TextTracker:
         self.text = ""
         self.released = 0
         self.stopped = False
+        self._context = 0  # first token of the decode window (the chunk before the unread tokens)
+        self._read = 0  # tokens whose text is in ``text``
 
     def add(self, token_id: int) -> str:
         """Append a token; return the newly releasable text (sets ``stopped`` on a stop string)."""
         self.token_ids.append(token_id)
-        text = self.tokenizer.decode(self.token_ids, skip_special_tokens=True)
-        for stop in self.stop:
-            at = text.find(stop, max(0, self.released - len(stop)))
-            if at >= 0:
-                self.stopped = True
-                text = text[:at]
-        self.text = text
-        end = len(text) if self.stopped else self._safe_end(text)
-        delta = text[self.released:end]
+        if self._commit(final=False):
+            self._cut_at_stop()
+        end = len(self.text) if self.stopped else self._safe_end()
+        delta = self.text[self.released:end]
         self.released = max(self.released, end)
         return delta
 
     def finish(self) -> str:
-        """The text still held back, released when the request ends."""
+        """The text still held back (and an incomplete last character), released when the request ends."""
+        if not self.stopped and self._commit(final=True):
+            self._cut_at_stop()
         delta = self.text[self.released:]
         self.released = len(self.text)
         return delta
 
-    def _safe_end(self, text: str) -> int:
-        end = len(text)
-        while end > self.released and text[end - 1] == "\ufffd":
-            end -= 1
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    def _commit(self, *, final: bool) -> bool:
+        """Append the text of the unread tokens when it is complete (or ``final``); True if any."""
+        if self._read == len(self.token_ids):
+            return False
+        before = self._decode(self.token_ids[self._context:self._read])
+        after = self._decode(self.token_ids[self._context:])
+        if not final and (len(after) <= len(before) or after.endswith("\ufffd")):
+            return False
+        self.text += after[len(before):]
+        self._context, self._read = self._read, len(self.token_ids)
+        return True
+
+    def _cut_at_stop(self) -> None:
+        for stop in self.stop:
+            at = self.text.find(stop, max(0, self.released - len(stop)))
+            if at >= 0:
+                self.stopped = True
+                self.text = self.text[:at]
+
+    def _safe_end(self) -> int:
+        end = len(self.text)
         for stop in self.stop:
             for n in range(min(len(stop) - 1, end - self.released), 0, -1):
-                if text[end - n:end] == stop[:n]:
+                if self.text[end - n:end] == stop[:n]:
                     end -= n
                     break
         return end
