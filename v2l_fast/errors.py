@@ -19,6 +19,13 @@ def fail(name: str, expected: str, got: object) -> NoReturn:
     raise ValueError(f"{name}: expected {expected}, got {got}")
 
 
+def check_int(name: str, value: object, minimum: int, note: str = "") -> None:
+    """Refuse ``value`` unless it is an int (not a bool) >= ``minimum``: ``name: expected an int >=
+    minimum (note), got value``."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        fail(name, f"an int >= {minimum}" + (f" ({note})" if note else ""), repr(value))
+
+
 def describe(t: torch.Tensor) -> str:
     """Short description of a tensor for error messages."""
     return f"tensor of shape {list(t.shape)}, dtype {t.dtype}, device {t.device}"

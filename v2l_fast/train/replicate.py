@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 import torch
 
-from v2l_fast.errors import fail
+from v2l_fast.errors import check_int, fail
 
 STAGES = ("world", "vlm", "teacher", "hypernet", "evaluate")
 REPORT_FILE = "report.json"
@@ -84,9 +84,7 @@ class ReplicateSettings:
                 if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
                     fail(field.name, "a number > 0", repr(value))
             elif field.type in ("int", int):
-                least = 0 if field.name in MAY_BE_ZERO else 1
-                if isinstance(value, bool) or not isinstance(value, int) or value < least:
-                    fail(field.name, f"an int >= {least}", repr(value))
+                check_int(field.name, value, 0 if field.name in MAY_BE_ZERO else 1)
         if self.vlm_size not in TOY_SHAPES:
             fail("vlm_size", f"one of {sorted(TOY_SHAPES)}", repr(self.vlm_size))
         if self.tokens_per_frame not in TOKENS_PER_FRAME:

@@ -57,7 +57,7 @@ from tqdm.auto import tqdm
 from v2l_fast.api import pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
-from v2l_fast.errors import fail
+from v2l_fast.errors import check_int, fail
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
 from v2l_fast.train.vision_warmup import vision_parameters, warm_up_vision
@@ -310,13 +310,10 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, vi
                 device) -> torch.device:
     if not os.path.isfile(os.path.join(os.fspath(world_dir), "train.jsonl")):
         fail("world_dir", "a synthetic world folder with train.jsonl (v2l-fast world)", repr(os.fspath(world_dir)))
-    for name, value in (("steps", steps), ("batch_videos", batch_videos)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            fail(name, "an int >= 1", repr(value))
-    if isinstance(eval_every, bool) or not isinstance(eval_every, int) or eval_every < 0:
-        fail("eval_every", "an int >= 0 (0: evaluate only at the end)", repr(eval_every))
-    if isinstance(vision_warmup_steps, bool) or not isinstance(vision_warmup_steps, int) or vision_warmup_steps < 0:
-        fail("vision_warmup_steps", "an int >= 0 (0: no warm-up)", repr(vision_warmup_steps))
+    check_int("steps", steps, 1)
+    check_int("batch_videos", batch_videos, 1)
+    check_int("eval_every", eval_every, 0, "0: evaluate only at the end")
+    check_int("vision_warmup_steps", vision_warmup_steps, 0, "0: no warm-up")
     if not isinstance(lr, (int, float)) or not lr > 0:
         fail("lr", "a number > 0", repr(lr))
     if not isinstance(warmup_ratio, (int, float)) or not 0 <= warmup_ratio < 1:

@@ -41,7 +41,7 @@ from tqdm.auto import tqdm
 
 from v2l_fast.data.manifest import ManifestRow
 from v2l_fast.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, Scene
-from v2l_fast.errors import fail
+from v2l_fast.errors import check_int, fail
 from v2l_fast.vlm.frames import pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video
@@ -178,9 +178,8 @@ def warm_up_vision(vlm: VLM, train: Sequence[tuple[Video, Sequence[ManifestRow]]
     """
     from transformers import get_cosine_schedule_with_warmup
 
-    for name, value in (("steps", steps), ("batch_videos", batch_videos)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            fail(name, "an int >= 1", repr(value))
+    check_int("steps", steps, 1)
+    check_int("batch_videos", batch_videos, 1)
     if not train:
         fail("train", "at least one video", "none")
     device = next(vlm.model.parameters()).device
