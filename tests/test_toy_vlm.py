@@ -23,6 +23,7 @@ from v2l_fast.train.toy_vlm import (
     load_questions,
     save_toy_vlm,
     train_toy_vlm,
+    video_features,
 )
 from v2l_fast.vlm.load import load_smolvlm
 
@@ -94,6 +95,29 @@ def test_loss_shares_each_videos_tokens_and_equals_the_full_forward(world):
     per_row = [F.cross_entropy(logits[b, :-1][batch.labels[b, 1:] != IGNORE],
                                batch.labels[b, 1:][batch.labels[b, 1:] != IGNORE]) for b in range(len(logits))]
     torch.testing.assert_close(ours, torch.stack(per_row).mean(), rtol=1e-5, atol=1e-5)
+
+
+def test_video_tokens_made_once_give_the_loss_and_gradients_of_the_tower_run_per_step(world):
+    vlm = build_toy_vlm("S", seed=4)
+    questions = load_questions(world / "train.jsonl", vlm, limit=3)
+    videos = [video for video, _ in questions]
+    tokens = video_features(vlm, videos, batch_videos=2)  # batches of 2 and 1: other shapes than the step's
+    conversations = [[(r.prompt, r.target_text) for r in group] for _, group in questions]
+    per_step = in_context_batch(vlm, videos, conversations, [0, 1, 2])
+    cached = in_context_batch(vlm, videos, conversations, [0, 1, 2], features=tokens)
+    assert cached.pixel_values is None and [t.shape for t in tokens] == [(len(v.frames) * 16, 64) for v in videos]
+    assert torch.equal(cached.input_ids, per_step.input_ids) and torch.equal(cached.labels, per_step.labels)
+    decoder = [p for name, p in vlm.model.named_parameters() if "text_model" in name or "lm_head" in name]
+    losses, grads = [], []
+    for batch in (per_step, cached):
+        loss = in_context_loss(vlm.model, batch)
+        grads.append(torch.autograd.grad(loss, decoder))
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=1e-6)
+    for ours, theirs in zip(grads[1], grads[0]):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match=r"^features: expected one tensor per video \(3 videos\), got 2 tensors$"):
+        in_context_batch(vlm, videos, conversations, [0, 1, 2], features=tokens[:2])
 
 
 def test_loss_goes_down_on_a_fixed_batch(world):

@@ -19,7 +19,7 @@ connector, decoder — on the world's train manifest (or, after the optional vis
   tokens per step); labels cover the answers only;
 * the loss is spec §7's CE (`label_ce`: fp32, mean per row over its answer tokens, then over
   rows); the vision tower runs once per video of the step, its tokens shared by that video's
-  questions;
+  questions (once per video of the run when the warm-up has frozen it: `video_features`);
 * AdamW (betas 0.9/0.999, eps 1e-8, weight decay 0.01), cosine schedule with linear warm-up,
   gradient clipping at 1.0, fp32; data order: epoch e is the permutation of the train videos
   drawn from ``(seed, e)``, each step takes the next ``batch_videos`` videos with all their
@@ -143,19 +143,21 @@ def build_toy_vlm(size: str = "S", *, seed: int = 0, tokenizer: str = "word", to
 class InContextBatch:
     """Rows ``[video, question] answer [question] answer …`` of a step: ids, mask, labels, the videos' pixels.
 
-    ``row_video[i]`` is the index in ``pixel_values`` of the video row i is about.
+    ``row_video[i]`` is the index of the video row i is about, in ``pixel_values`` (the tower runs
+    on them) or in ``video_features`` (the videos' ``<image>`` tokens, made once by `video_features`).
     """
 
     input_ids: torch.Tensor  # [rows, T] int64, right-padded
     attention_mask: torch.Tensor  # [rows, T] int64
     labels: torch.Tensor  # [rows, T] int64, IGNORE outside the answers
-    pixel_values: torch.Tensor  # [videos, F, 3, S, S] float32
-    pixel_attention_mask: torch.Tensor  # [videos, F, S, S] bool
+    pixel_values: torch.Tensor | None  # [videos, F, 3, S, S] float32; None when video_features are given
+    pixel_attention_mask: torch.Tensor | None  # [videos, F, S, S] bool
     row_video: torch.Tensor  # [rows] int64
+    video_features: list[torch.Tensor] | None = None  # per video, what `video_features` returns
 
 
 def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[Sequence[tuple[str, str]]],
-                     row_video: Sequence[int]) -> InContextBatch:
+                     row_video: Sequence[int], *, features: Sequence[torch.Tensor] | None = None) -> InContextBatch:
     """Row i: the conversation ``conversations[i]`` — ``(question, answer)`` turns — about
     ``videos[row_video[i]]``, rendered by the video chat template.
 
@@ -164,7 +166,11 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
     questions follow as text-only user turns. Each answer is rendered as the assistant turn
     (``" red<end_of_utterance>\\n"``) and labelled; every other token is IGNORE. Several
     questions in one row share one pass over the video's tokens (the video is ~85 % of a row).
+    ``features`` (one per video, from `video_features`) replaces the pixels: the batch then
+    carries each video's ``<image>`` tokens and the tower does not run.
     """
+    if features is not None and len(features) != len(videos):
+        fail("features", f"one tensor per video ({len(videos)} videos)", f"{len(features)} tensors")
     if len(conversations) != len(row_video) or not conversations:
         fail("row_video", f"one video index per conversation, at least one ({len(conversations)} conversations)",
              f"{len(row_video)} video indices")
@@ -194,9 +200,11 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
     for b, row_spans in enumerate(spans):  # unlabel the user turns between answers
         for (_, end), (start, _) in zip(row_spans, row_spans[1:]):
             labels[b, end:start] = IGNORE
+    row_video = torch.as_tensor(list(row_video), dtype=torch.long)
+    if features is not None:
+        return InContextBatch(input_ids, attention_mask, labels, None, None, row_video, list(features))
     pixel_values, pixel_mask = pad_frames([pre.pixel_values(video) for video in videos], pre.max_image_size)
-    return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask,
-                          torch.as_tensor(list(row_video), dtype=torch.long))
+    return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask, row_video)
 
 
 def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
@@ -208,13 +216,17 @@ def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_p
 def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tensor:
     """Spec §7's answer CE of ``model`` (a ``SmolVLMForConditionalGeneration``) with the video in context.
 
-    The vision tower and connector run once per video; row i's ``<image>`` positions take the
-    tokens of video ``row_video[i]``.
+    The vision tower and connector run once per video (not at all when the batch carries the
+    videos' tokens, `video_features`); row i's ``<image>`` positions take the tokens of video
+    ``row_video[i]``.
     """
     inner = model.model
     device = next(model.parameters()).device
-    features = inner.get_image_features(batch.pixel_values.to(device), batch.pixel_attention_mask.to(device),
-                                        return_dict=True).pooler_output
+    if batch.video_features is not None:
+        features = [f.to(device) for f in batch.video_features]
+    else:
+        features = inner.get_image_features(batch.pixel_values.to(device), batch.pixel_attention_mask.to(device),
+                                            return_dict=True).pooler_output
     input_ids = batch.input_ids.to(device)
     image_tokens = torch.cat([features[v] for v in batch.row_video.tolist()])
     embeds = inner.get_input_embeddings()(input_ids)
@@ -226,6 +238,33 @@ def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tens
     hidden = inner.text_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
                               use_cache=False).last_hidden_state
     return label_ce(model, hidden, batch.labels.to(device))
+
+
+@torch.no_grad()
+def video_features(vlm: VLM, videos: Sequence[Video], *, batch_videos: int = 64,
+                   progress: bool = False) -> list[torch.Tensor]:
+    """Each video's ``<image>`` tokens as the decoder sees them: the connector's output,
+    ``[frames · tokens_per_frame, hidden]`` float32 on the CPU, ``batch_videos`` videos per pass.
+
+    What `in_context_loss` computes from the pixels at every step, done once: while the vision
+    tower and connector are frozen (after the vision warm-up) a video's tokens never change, and
+    making them again — pixels, then the tower — was 41 of a toy step's ~170 ms (model S, 8 videos
+    of 12 frames, 2 cores; bench/NOTES.md). Equal to the per-step tokens within fp32 rounding (the
+    tower sees other batches). 10 000 clips of 12 frames at 16 tokens of width 64: 490 MB.
+    """
+    check_int("batch_videos", batch_videos, 1)
+    was_training = vlm.model.training
+    vlm.model.eval()
+    inner, pre = vlm.model.model, vlm.preprocessor
+    device = next(vlm.model.parameters()).device
+    out: list[torch.Tensor] = []
+    for start in tqdm(range(0, len(videos), batch_videos), desc="video tokens", disable=not progress):
+        pixels, mask = pad_frames([pre.pixel_values(video) for video in videos[start:start + batch_videos]],
+                                  pre.max_image_size)
+        out += [f.float().cpu() for f in inner.get_image_features(pixels.to(device), mask.to(device),
+                                                                  return_dict=True).pooler_output]
+    vlm.model.train(was_training)
+    return out
 
 
 def first_word(text: str) -> str:
@@ -353,7 +392,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         vision_warmup_steps: steps of `warm_up_vision` first (the vision tower and connector
             pretrained on the clips' scene labels; 0: none), which then stay frozen while the
             decoder learns (trained on at ``lr`` they lost what the warm-up taught: in-context
-            size accuracy 47 % instead of 82 % after 2000 steps, bench/NOTES.md). The probe's
+            size accuracy 47 % instead of 82 % after 2000 steps, bench/NOTES.md); frozen, each
+            video's tokens are made once (`video_features`) instead of at every step. The probe's
             validation metrics go to ``metrics.jsonl`` and ``toy_vlm.json``.
         progress: tqdm bar with the loss.
 
@@ -375,6 +415,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
         warmup = warm_up_vision(vlm, train, steps=vision_warmup_steps, seed=seed, val=val, progress=progress)
         for param in vision_parameters(vlm):  # kept as pretrained (see vision_warmup_steps above)
             param.requires_grad_(False)
+    # frozen, the tower gives each video the same tokens at every step: made once (`video_features`)
+    tokens = video_features(vlm, [video for video, _ in train], progress=progress) if warmup is not None else None
     optimizer = torch.optim.AdamW([p for p in vlm.model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
                                   eps=1e-8, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(steps * warmup_ratio), steps)
@@ -390,7 +432,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
             while len(order) - position < batch_videos:
                 order = np.concatenate([order[position:], np.random.default_rng([seed, epoch]).permutation(len(train))])
                 position, epoch = 0, epoch + 1
-            picked = [train[i] for i in order[position:position + batch_videos]]
+            indices = order[position:position + batch_videos].tolist()
+            picked = [train[i] for i in indices]
             position += batch_videos
             rows = [(v, row) for v, (_, group) in enumerate(picked) for row in group]
             if packed:  # one row per video, its questions in an order drawn per step
@@ -401,7 +444,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
             else:
                 conversations = [[(r.prompt, r.target_text)] for _, r in rows]
                 row_video = [v for v, _ in rows]
-            batch = in_context_batch(vlm, [video for video, _ in picked], conversations, row_video)
+            batch = in_context_batch(vlm, [video for video, _ in picked], conversations, row_video,
+                                     features=None if tokens is None else [tokens[i] for i in indices])
             loss = in_context_loss(vlm.model, batch)
             questions = [r for _, r in rows if r.task_type == "qa"]
             if blind and questions:
