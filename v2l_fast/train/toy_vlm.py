@@ -16,7 +16,8 @@ connector, decoder — on the world's train manifest (or, after the optional vis
   answer as the chat template renders the assistant turn, then the video's other questions and
   answers as further turns, in an order drawn per step (``packed=True``, the default: the video's
   tokens, ~85 % of a row, are processed once per video instead of once per question, ~3× fewer
-  tokens per step); labels cover the answers only;
+  tokens per step); labels cover the answers only; the rows' ids are assembled from per-turn
+  pieces tokenized once (`ConversationIds`, equal to rendering every row);
 * the loss is spec §7's CE (`label_ce`: fp32, mean per row over its answer tokens, then over
   rows); the vision tower runs once per video of the step, its tokens shared by that video's
   questions (once per video of the run when the warm-up has frozen it: `video_features`);
@@ -43,6 +44,7 @@ scores exact match of the first word of the answer.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -58,10 +60,11 @@ from v2l_fast.api import pad_id
 from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import check_int, fail
+from v2l_fast.train.chat_rows import ConversationIds, conversation_ids
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
 from v2l_fast.train.vision_warmup import vision_parameters, warm_up_vision
-from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, render_video_chat, video_turn
+from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
 
@@ -157,7 +160,8 @@ class InContextBatch:
 
 
 def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[Sequence[tuple[str, str]]],
-                     row_video: Sequence[int], *, features: Sequence[torch.Tensor] | None = None) -> InContextBatch:
+                     row_video: Sequence[int], *, features: Sequence[torch.Tensor] | None = None,
+                     token_rows: ConversationIds | None = None) -> InContextBatch:
     """Row i: the conversation ``conversations[i]`` — ``(question, answer)`` turns — about
     ``videos[row_video[i]]``, rendered by the video chat template.
 
@@ -167,7 +171,9 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
     (``" red<end_of_utterance>\\n"``) and labelled; every other token is IGNORE. Several
     questions in one row share one pass over the video's tokens (the video is ~85 % of a row).
     ``features`` (one per video, from `video_features`) replaces the pixels: the batch then
-    carries each video's ``<image>`` tokens and the tower does not run.
+    carries each video's ``<image>`` tokens and the tower does not run. ``token_rows`` makes the
+    rows' ids from cached pieces (`ConversationIds`: the same ids, without rendering the template
+    for every turn of every row); None: `conversation_ids`.
     """
     if features is not None and len(features) != len(videos):
         fail("features", f"one tensor per video ({len(videos)} videos)", f"{len(features)} tensors")
@@ -177,23 +183,11 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
     if not videos or min(row_video) < 0 or max(row_video) >= len(videos):
         fail("row_video", f"indices into the {len(videos)} videos", list(row_video))
     tokenizer, pre = vlm.tokenizer, vlm.preprocessor
+    make = token_rows or functools.partial(conversation_ids, tokenizer)
     rows, spans = [], []
     for i, (conversation, v) in enumerate(zip(conversations, row_video)):
-        if not conversation:
-            fail(f"conversations[{i}]", "at least one (question, answer) turn", "none")
-        video_text = pre.video_text(videos[v])
-        turns, row_spans, full = [], [], []
-        for k, (prompt, target) in enumerate(conversation):
-            if not target.strip():
-                fail(f"conversations[{i}][{k}]", "a non-empty answer", repr(target))
-            turns += video_turn(prompt) if k == 0 else [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-            prompt_ids = _template_ids(tokenizer, turns, video_text, generation_prompt=True)
-            turns.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
-            full = _template_ids(tokenizer, turns, video_text, generation_prompt=False)
-            if full[:len(prompt_ids)] != prompt_ids:
-                fail(f"conversations[{i}][{k}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
-            row_spans.append((len(prompt_ids), len(full)))
-        rows.append(full)
+        ids, row_spans = make(pre.video_text(videos[v]), conversation, name=f"conversations[{i}]")
+        rows.append(ids)
         spans.append(row_spans)
     input_ids, attention_mask, labels = right_pad_labelled(rows, [row_spans[0][0] for row_spans in spans],
                                                            pad_id(tokenizer))
@@ -205,12 +199,6 @@ def in_context_batch(vlm: VLM, videos: Sequence[Video], conversations: Sequence[
         return InContextBatch(input_ids, attention_mask, labels, None, None, row_video, list(features))
     pixel_values, pixel_mask = pad_frames([pre.pixel_values(video) for video in videos], pre.max_image_size)
     return InContextBatch(input_ids, attention_mask, labels, pixel_values, pixel_mask, row_video)
-
-
-def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
-    """Token ids of `render_video_chat` ``(turns, video_text)``."""
-    text = render_video_chat(tokenizer, turns, video_text, generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tensor:
@@ -417,6 +405,7 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
             param.requires_grad_(False)
     # frozen, the tower gives each video the same tokens at every step: made once (`video_features`)
     tokens = video_features(vlm, [video for video, _ in train], progress=progress) if warmup is not None else None
+    token_rows = ConversationIds(vlm.tokenizer)  # the rows' ids from pieces tokenized once
     optimizer = torch.optim.AdamW([p for p in vlm.model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.999),
                                   eps=1e-8, weight_decay=weight_decay)
     scheduler = get_cosine_schedule_with_warmup(optimizer, int(steps * warmup_ratio), steps)
@@ -445,7 +434,8 @@ def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, s
                 conversations = [[(r.prompt, r.target_text)] for _, r in rows]
                 row_video = [v for v, _ in rows]
             batch = in_context_batch(vlm, [video for video, _ in picked], conversations, row_video,
-                                     features=None if tokens is None else [tokens[i] for i in indices])
+                                     features=None if tokens is None else [tokens[i] for i in indices],
+                                     token_rows=token_rows)
             loss = in_context_loss(vlm.model, batch)
             questions = [r for _, r in rows if r.task_type == "qa"]
             if blind and questions:
