@@ -19,8 +19,10 @@ map, i.e. segments of `lora_sgmv` — never a copy of the adapter per row or per
 
 The LM head runs only on the positions that predict a label token. The loss is the same as
 with full logits (cross-entropy at other positions is multiplied by zero), but the head's
-``[positions, vocab]`` GEMM — the largest of a small model's step — shrinks to the answers. The
-CE and the KL share those logits: the head runs once per step for both.
+``[positions, vocab]`` GEMM — the largest of a small model's step — shrinks to the answers.
+Without the KL term those logits are never stored: `label_ce` makes them chunk by chunk with
+their gradient (`v2l_fast.train.linear_ce`). With it, the CE and the KL share one set of
+logits: the head runs once per step for both.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ import torch
 import torch.nn.functional as F
 
 from v2l_fast.errors import check_tensor, fail
+from v2l_fast.train.linear_ce import linear_cross_entropy
 from v2l_fast.vlm.features import inner_model
 from v2l_fast.vlm.lora_patch import LoRAPatch, down_proj_targets
 
@@ -126,6 +129,13 @@ def answer_logits(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
 
     Refuses a row without an answer token (its mean over answer tokens would be 0/0).
     """
+    states, targets, counts = _answer_states(hidden, labels)
+    return AnswerLogits(model.get_output_embeddings()(states).float(), targets, counts)
+
+
+def _answer_states(hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(hidden states at the answer-predicting positions ``[tokens, H]``, their targets, answer
+    tokens per row), packed row after row; a row without an answer token is refused."""
     check_tensor("labels", labels, ndim=2, index=True, shape_hint="[rows, T]")
     targets = labels[:, 1:]
     predicts = targets != IGNORE
@@ -133,42 +143,50 @@ def answer_logits(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Te
     if bool((counts == 0).any()):
         empty = (counts == 0).nonzero().squeeze(1).tolist()
         fail("labels", "at least one answer token in every row", f"rows without one: {empty}")
-    logits = model.get_output_embeddings()(hidden[:, :-1][predicts]).float()
-    return AnswerLogits(logits, targets[predicts], counts)
+    return hidden[:, :-1][predicts], targets[predicts], counts
+
+
+def _token_weights(counts: torch.Tensor) -> torch.Tensor:
+    """Spec §7's weight of each answer token: 1 / (answer tokens of its row · rows)."""
+    return torch.repeat_interleave(1.0 / (counts.float() * len(counts)), counts)
 
 
 def answer_ce(answer: AnswerLogits) -> torch.Tensor:
     """Spec §7's CE from `answer_logits`: fp32 cross-entropy of each answer token, averaged per
     row over its tokens (each token weighted 1/count of its row), then over rows."""
     token_loss = F.cross_entropy(answer.logits, answer.targets, reduction="none")
-    row_of_token = torch.repeat_interleave(torch.arange(len(answer.counts), device=answer.counts.device),
-                                           answer.counts)
-    return (token_loss / answer.counts[row_of_token]).sum() / len(answer.counts)
+    return (token_loss * _token_weights(answer.counts)).sum()
 
 
 def answer_loss(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:
     """Spec §7's CE of ``model`` (a SmolVLM generation model, patched or not) on ``batch``.
 
     Per-token fp32 cross-entropy of the label tokens, averaged per row over its label tokens,
-    then over rows. The LM head is applied only where a label is predicted.
+    then over rows. The LM head is applied only where a label is predicted (`label_ce`).
     """
-    return answer_ce(student_answer_logits(model, batch))
+    return label_ce(model, student_hidden(model, batch), batch.labels)
 
 
-def student_answer_logits(model: torch.nn.Module, batch: StudentBatch) -> AnswerLogits:
-    """`answer_logits` of ``model`` (patched or not) on the text-only student rows ``batch``."""
+def student_hidden(model: torch.nn.Module, batch: StudentBatch) -> torch.Tensor:
+    """The final hidden states ``[rows, T, H]`` of ``model``'s decoder (patched or not) on the
+    text-only student rows ``batch``."""
     check_tensor("labels", batch.labels, ndim=2, index=True, shape_hint="[rows, T]")
-    hidden = inner_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                                use_cache=False, return_dict=True).last_hidden_state
-    return answer_logits(model, hidden, batch.labels)
+    return inner_model(model)(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                              use_cache=False, return_dict=True).last_hidden_state
 
 
 def label_ce(model: torch.nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """`answer_loss`'s CE from the final hidden states ``[rows, T, H]`` of ``model``'s decoder.
+    """`answer_ce` of `answer_logits` ``(model, hidden, labels)``, without storing the logits.
 
-    The LM head runs only where ``labels [rows, T]`` has a label at the next position.
+    The LM head runs only where ``labels [rows, T]`` has a label at the next position, chunk by
+    chunk with each chunk's gradient made at once (`linear_cross_entropy`: the ``[tokens, vocab]``
+    logits are never kept for backward); a head with a bias takes the plain path.
     """
-    return answer_ce(answer_logits(model, hidden, labels))
+    states, targets, counts = _answer_states(hidden, labels)
+    head = model.get_output_embeddings()
+    if getattr(head, "bias", None) is not None:
+        return answer_ce(AnswerLogits(head(states).float(), targets, counts))
+    return linear_cross_entropy(states, head.weight, targets, _token_weights(counts))
 
 
 def kl_loss(student: AnswerLogits | torch.Tensor, teacher: AnswerLogits | torch.Tensor, temperature: float, *,
@@ -236,12 +254,15 @@ def adapter_objective(hypernet: torch.nn.Module, model: torch.nn.Module, feature
         fail("teacher", "the teacher's answer logits when kl_weight > 0", "none")
     out = hypernet.generate(features, feature_mask)
     device = next(model.parameters()).device
-    with LoRAPatch(down_proj_targets(model), out.A, out.B, out.alpha, row_adapters=batch.row_video.to(device),
+    batch = batch.to(device)
+    with LoRAPatch(down_proj_targets(model), out.A, out.B, out.alpha, row_adapters=batch.row_video,
                    backend=backend):
-        student = student_answer_logits(model, batch.to(device))
-    ce = answer_ce(student)
+        hidden = student_hidden(model, batch)
     if kl_weight <= 0:
+        ce = label_ce(model, hidden, batch.labels)
         return LossTerms(ce, ce, None)
+    student = answer_logits(model, hidden, batch.labels)
+    ce = answer_ce(student)
     kl = kl_loss(student, teacher, kl_temperature)
     return LossTerms(ce + kl_weight * kl, ce, kl)
 
