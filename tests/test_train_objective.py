@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from v2l_fast.testing import assert_rel_close, tiny_hypernet
-from v2l_fast.train.objective import IGNORE, adapter_loss, answer_loss, student_batch
+from v2l_fast.train.objective import IGNORE, adapter_loss, answer_loss, cached_student_row_ids, student_batch
 from v2l_fast.vlm import LoRAPatch, down_proj_targets
 from v2l_fast.vlm.factory import tiny_vlm
 
@@ -45,6 +45,23 @@ def test_student_rows_label_only_the_answer_and_pad_on_the_right(vlm):
         assert answer.strip().startswith(target)
         assert (batch.input_ids[b, length:] == tok.pad_token_id).all()
     assert batch.row_video.tolist() == [0, 0, 1]
+
+
+def test_repeated_pairs_are_tokenized_once_and_give_the_same_rows(vlm):
+    row_ids = cached_student_row_ids(vlm.tokenizer, size=2)
+    prompts, targets = PROMPTS * 2 + PROMPTS[:1], TARGETS * 2 + TARGETS[:1]
+    videos = [0, 0, 1, 1, 2, 2, 3]
+    plain = student_batch(vlm.tokenizer, prompts, targets, videos)
+    for _ in range(2):
+        cached = student_batch(vlm.tokenizer, prompts, targets, videos, row_ids=row_ids)
+        for field in ("input_ids", "attention_mask", "labels", "row_video"):
+            assert torch.equal(getattr(cached, field), getattr(plain, field)), field
+    # a cache of 2 pairs over 3 pairs cycling: every row of the cycle misses, the repeat of the last hits
+    assert row_ids.cache_info().misses == 13 and row_ids.cache_info().hits == 1
+    with pytest.raises(ValueError, match=r"^targets\[1\]: expected a non-empty answer that extends the templated "
+                                         r"prompt, got 'blue'$"):  # an answer the template does not append
+        student_batch(vlm.tokenizer, PROMPTS[:2], ["red", "blue"], [0, 0],
+                      row_ids=lambda prompt, target: ((1, 2, 3), None if target == "blue" else 2))
 
 
 @pytest.mark.parametrize("prompts,targets,videos,match", [

@@ -43,9 +43,9 @@ def conversation_ids(tokenizer, video_text: str, conversation: Sequence[tuple[st
     for k, (prompt, target) in enumerate(conversation):
         _check_answer(f"{name}[{k}]", target)
         turns += video_turn(prompt) if k == 0 else [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
-        prompt_ids = _template_ids(tokenizer, turns, video_text, generation_prompt=True)
+        prompt_ids = template_ids(tokenizer, turns, video_text, generation_prompt=True)
         turns.append({"role": "assistant", "content": [{"type": "text", "text": target}]})
-        full = _template_ids(tokenizer, turns, video_text, generation_prompt=False)
+        full = template_ids(tokenizer, turns, video_text, generation_prompt=False)
         if full[:len(prompt_ids)] != prompt_ids:
             fail(f"{name}[{k}]", "an answer whose templated turn extends the prompt", repr(target[:80]))
         spans.append((len(prompt_ids), len(full)))
@@ -105,7 +105,7 @@ def _check_answer(name: str, target: str) -> None:
         fail(name, "a non-empty answer", repr(target))
 
 
-def _template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
-    """Token ids of `render_video_chat` ``(turns, video_text)``."""
+def template_ids(tokenizer, turns: list[dict], video_text: str, *, generation_prompt: bool) -> list[int]:
+    """Token ids of `render_video_chat` ``(tokenizer, turns, video_text)`` (no special tokens added)."""
     text = render_video_chat(tokenizer, turns, video_text, generation_prompt=generation_prompt)
     return tokenizer(text, add_special_tokens=False)["input_ids"]

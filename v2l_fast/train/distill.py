@@ -20,9 +20,10 @@ from dataclasses import dataclass
 import torch
 
 from v2l_fast.errors import fail
+from v2l_fast.train.chat_rows import template_ids
 from v2l_fast.train.objective import AnswerLogits, answer_logits, right_pad_labelled
 from v2l_fast.vlm.features import inner_model
-from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, render_video_chat, video_turn
+from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, video_turn
 from v2l_fast.vlm.lora_patch import is_patched
 from v2l_fast.vlm.video import Video
 
@@ -46,11 +47,6 @@ class TeacherBatch:
                                                        self.row_video)))
 
 
-def _ids(tokenizer, turns: list[dict], video_text: str, generation_prompt: bool) -> list[int]:
-    text = render_video_chat(tokenizer, turns, video_text, generation_prompt=generation_prompt)
-    return tokenizer(text, add_special_tokens=False)["input_ids"]
-
-
 def teacher_batch(tokenizer, preprocessor: VideoPreprocessor, videos: Sequence[Video], prompts: Sequence[str],
                   targets: Sequence[str], row_video: Sequence[int], *, pad_token_id: int,
                   pixels: Sequence[torch.Tensor | None] | None = None) -> TeacherBatch:
@@ -71,9 +67,9 @@ def teacher_batch(tokenizer, preprocessor: VideoPreprocessor, videos: Sequence[V
     rows, starts = [], []
     for i, (prompt, target, v) in enumerate(zip(prompts, targets, row_video)):
         turns = video_turn(prompt)
-        prompt_only = _ids(tokenizer, turns, video_texts[v], True)
-        full = _ids(tokenizer, turns + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
-                    video_texts[v], False)
+        prompt_only = template_ids(tokenizer, turns, video_texts[v], generation_prompt=True)
+        full = template_ids(tokenizer, turns + [{"role": "assistant", "content": [{"type": "text", "text": target}]}],
+                            video_texts[v], generation_prompt=False)
         if full[:len(prompt_only)] != prompt_only or len(full) == len(prompt_only):
             fail(f"targets[{i}]", "a non-empty answer that extends the templated teacher prompt", repr(target[:80]))
         rows.append(full)
