@@ -29,7 +29,8 @@ connector, decoder — on the world's train manifest (or, after the optional vis
   caption row (``captions=True``: every object's size, colour, shape and direction), and each
   question once more without the video in the student's text-only template (``blind=True``:
   the model learns the answer prior for questions it cannot see). The step's loss is the mean
-  over all its rows. A run is a pure function of its arguments on one machine.
+  over all its rows. A run is a pure function of its arguments on one machine; CPU math flushes
+  denormals to zero during it (`flush_denormals`).
 
 The videos are decoded once (`VideoQADataset`) and kept in memory as uint8 frames (a world of
 3000 clips of 8 × 64² frames: 300 MB). The pixels of a step are made by the same
@@ -61,6 +62,7 @@ from v2l_fast.data.loader import VideoQADataset
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import check_int, fail
 from v2l_fast.train.chat_rows import ConversationIds, conversation_ids
+from v2l_fast.train.denormals import flush_denormals
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
 from v2l_fast.train.vision_warmup import vision_parameters, warm_up_vision
@@ -351,6 +353,7 @@ def _check_args(world_dir, steps, batch_videos, lr, warmup_ratio, eval_every, vi
         fail("device", "a torch device ('cpu', 'cuda')", repr(device))
 
 
+@flush_denormals()
 def train_toy_vlm(world_dir: str | os.PathLike, out_dir: str | os.PathLike, *, size: str = "S", steps: int = 1000,
                   batch_videos: int = 8, lr: float = 2e-3, warmup_ratio: float = 0.05, weight_decay: float = 0.01,
                   seed: int = 0, device: str | torch.device = "cpu", eval_every: int = 0, eval_videos: int = 50,
