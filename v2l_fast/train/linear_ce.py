@@ -9,9 +9,10 @@ per-token weights: spec §7's CE is ``w_t = 1 / (count of t's row · rows)``). I
 so each chunk of positions makes its logits, its loss and its gradients at once and drops the
 logits: the ``[tokens, vocab]`` fp32 matrix (400 MB at 2048 answer tokens × SmolVLM2's 49 280) is
 never stored for backward, and the separate log-softmax, its backward and the head's backward
-GEMM over the stored logits become one pass per chunk (13 % faster on the CPU, `CHUNK_TOKENS`). Backward only scales the gradients
-kept from the forward by the incoming gradient (the loss is a scalar). The same trick as
-Liger-Kernel's fused linear cross-entropy, written for this objective's per-token weights.
+GEMM over the stored logits become one pass per chunk (13 % faster on the CPU, `CHUNK_TOKENS`).
+Backward only scales the gradients kept from the forward by the incoming gradient (the loss is a
+scalar). The same trick as Liger-Kernel's fused linear cross-entropy, written for this objective's
+per-token weights.
 
 The logits are made as the head makes them (``F.linear`` in the head's dtype, autocast applies)
 and then cast to fp32, as `v2l_fast.train.objective.answer_logits` does; the loss equals
