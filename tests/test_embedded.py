@@ -105,13 +105,13 @@ def fresh_report(tmp_path_factory):
 def test_the_shipped_adapters_answer_within_5_points_of_the_video_in_context(fresh_report):
     """Goal, first half: (b) adapter only, zero visual tokens, within 5 points of (a) the video in
     context; and the adapter carries the video: at least 10 points above (c) neither (a regression
-    guard). Measured at shipping on these 400 questions: (a) 63.0 %, (b) 58.8 %, (c) 15.0 %."""
+    guard). Measured at shipping on these 400 questions: (a) 57.5 %, (b) 55.8 %, (c) 15.0 %."""
     video, adapter, none = (fresh_report.accuracy(mode) for mode in ("video", "adapter", "none"))
     assert adapter >= video - 0.05, fresh_report.table()
     assert adapter >= none + 0.10, fresh_report.table()
 
 
 def test_the_shipped_adapters_answer_30_points_above_no_video(fresh_report):
-    """Goal, second half: (a) and (b) at least 30 points above (c) neither (48.0 and 43.8 at shipping)."""
+    """Goal, second half: (a) and (b) at least 30 points above (c) neither (42.5 and 40.8 at shipping)."""
     video, adapter, none = (fresh_report.accuracy(mode) for mode in ("video", "adapter", "none"))
     assert video >= none + 0.30 and adapter >= none + 0.30, fresh_report.table()

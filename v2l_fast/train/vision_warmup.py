@@ -24,8 +24,8 @@ frame, 32 videos per step, lr 2e-3, 1500 steps, 0.19 s per step on 2 cores): pre
 size 99.8 %, direction 98.7 %, centre error 0.036 of the frame on the validation clips; shape
 stays near chance (29 %: the 2-layer tower of width 64 does not learn it from these labels in that
 time; width 128 did no better in 500 steps). The shipped replication's 1000 steps on 10 000 clips
-(the schedule decays to 0 over them) left a weaker probe — presence 60 %, size 68 %, direction
-98.7 % — and its VLM still answered size questions at 91 % in context (bench/NOTES.md).
+(the schedule decays to 0 over them) left a weaker probe — presence 60 %, size 66 %, direction
+99.7 % — and its VLM still answered size questions at 82 % in context (bench/NOTES.md).
 """
 
 from __future__ import annotations
