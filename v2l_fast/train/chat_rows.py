@@ -2,7 +2,7 @@
 
 `conversation_ids` renders the video chat template once per prompt and once per answer of the
 conversation and tokenizes each rendering: the exact definition, and 8 renderings of a ~300-token
-text for a 4-question row (~6 ms; ~45 of a toy-VLM step's ~125 ms on 2 cores, bench/NOTES.md).
+text for a 4-question row (~6 ms; ~45 of a toy-VLM step's ~160 ms on 2 cores, bench/NOTES.md).
 
 `ConversationIds` makes the same ids from pieces. The template renders a conversation turn after
 turn — the first user turn (``"<|im_start|>User: "`` + the video + q₀ + the end of the turn), then
