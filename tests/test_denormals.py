@@ -33,7 +33,12 @@ def test_training_loops_run_flushed(monkeypatch, tmp_path):
 
     seen = []
     loss = toy_vlm.in_context_loss
-    monkeypatch.setattr(toy_vlm, "in_context_loss", lambda *a, **k: (seen.append(denormals_flushed()), loss(*a, **k))[1])
+
+    def recording_loss(*args, **kwargs):
+        seen.append(denormals_flushed())
+        return loss(*args, **kwargs)
+
+    monkeypatch.setattr(toy_vlm, "in_context_loss", recording_loss)
     generate_world(tmp_path / "world", num_train=2, num_val=1, num_heldout=0, seed=1, progress=False)
     toy_vlm.train_toy_vlm(tmp_path / "world", tmp_path / "vlm", steps=2, batch_videos=1, progress=False)
     assert seen == [True, True] and not denormals_flushed()
@@ -47,8 +52,12 @@ def test_the_hypernetwork_trainer_runs_flushed(monkeypatch, tmp_path):
 
     seen = []
     step = trainer_module.Trainer.train_step
-    monkeypatch.setattr(trainer_module.Trainer, "train_step",
-                        lambda self, micros: (seen.append(denormals_flushed()), step(self, micros))[1])
+
+    def recording_step(self, micros):
+        seen.append(denormals_flushed())
+        return step(self, micros)
+
+    monkeypatch.setattr(trainer_module.Trainer, "train_step", recording_step)
     write_train_and_val(tmp_path)
     trainer_module.train(tiny_config(tmp_path, out_dir=str(tmp_path / "out"), max_steps=2), vlm=tiny_vlm(seed=0))
     assert seen == [True, True] and not denormals_flushed()
