@@ -238,9 +238,9 @@ def video_features(vlm: VLM, videos: Sequence[Video], *, batch_videos: int = 64,
 
     What `in_context_loss` computes from the pixels at every step, done once: while the vision
     tower and connector are frozen (after the vision warm-up) a video's tokens never change, and
-    making them again — pixels, then the tower — was 41 of a toy step's ~170 ms (model S, 8 videos
-    of 12 frames, 2 cores; bench/NOTES.md). Equal to the per-step tokens within fp32 rounding (the
-    tower sees other batches). 10 000 clips of 12 frames at 16 tokens of width 64: 490 MB.
+    making them again — pixels, then the tower — was 41 of a toy step's ~160 ms (model S, 8 videos
+    of 8 frames, 2 cores; bench/NOTES.md). Equal to the per-step tokens within fp32 rounding (the
+    tower sees other batches). 10 000 clips of 8 frames at 16 tokens of width 64: 330 MB.
     """
     check_int("batch_videos", batch_videos, 1)
     was_training = vlm.model.training
