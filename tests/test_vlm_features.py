@@ -11,6 +11,7 @@ from safetensors.torch import load_file
 from v2l_fast.testing import assert_rel_close
 from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
 from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer, tiny_vlm
+from v2l_fast.vlm.features import image_tokens, video_rows_hidden
 
 
 @needs_fixtures
@@ -67,3 +68,25 @@ def test_extract_features_rejects_mismatched_mask():
     with pytest.raises(ValueError, match="attention_mask"):
         extract_features(vlm.model, VideoBatch(ids, torch.ones(1, 4, dtype=torch.long), torch.zeros(1, 1, 3, 32, 32),
                                                torch.ones(1, 1, 32, 32, dtype=torch.bool)))
+
+
+def test_rows_sharing_their_videos_tokens_equal_the_model_run_on_each_row_with_its_video():
+    vlm = tiny_vlm(seed=3, longest_edge=64)
+    rng = np.random.default_rng(2)
+    videos = [Video.from_frames(rng.integers(0, 256, (n, 20, 28, 3), dtype=np.uint8), fps=1) for n in (2, 1)]
+    batch = build_video_batch(videos, "Remember.", vlm.tokenizer, vlm.preprocessor)
+    tokens = image_tokens(vlm.model, batch.pixel_values, batch.pixel_attention_mask)
+    per_frame = vlm.preprocessor.image_seq_len
+    assert [t.shape[0] for t in tokens] == [2 * per_frame, per_frame]
+    row_video = torch.tensor([1, 0, 1])  # three rows, video 1 twice
+    ids, mask = batch.input_ids[row_video], batch.attention_mask[row_video]
+    with torch.no_grad():
+        hidden = video_rows_hidden(vlm.model, ids, mask, tokens, row_video)
+        expected = vlm.model.model(input_ids=ids, attention_mask=mask, pixel_values=batch.pixel_values[row_video],
+                                   pixel_attention_mask=batch.pixel_attention_mask[row_video]).last_hidden_state
+    real = mask.bool()
+    assert_rel_close(hidden[real], expected[real], tol=1e-5)
+    # the videos' tokens swapped: the row of the one-frame video gets the two-frame video's tokens
+    with pytest.raises(ValueError, match=rf"^input_ids: expected {2 * per_frame} <image> tokens \(those of the "
+                                         rf"rows' videos\), got {per_frame}$"):
+        video_rows_hidden(vlm.model, ids[:1], mask[:1], tokens[::-1], row_video[:1])

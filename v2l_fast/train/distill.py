@@ -22,7 +22,7 @@ import torch
 from v2l_fast.errors import fail
 from v2l_fast.train.chat_rows import template_ids
 from v2l_fast.train.objective import AnswerLogits, answer_logits, right_pad_labelled
-from v2l_fast.vlm.features import inner_model
+from v2l_fast.vlm.features import image_tokens, video_rows_hidden
 from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames, video_turn
 from v2l_fast.vlm.lora_patch import is_patched
 from v2l_fast.vlm.video import Video
@@ -94,18 +94,7 @@ def teacher_answer_logits(model: torch.nn.Module, batch: TeacherBatch) -> Answer
     """
     if is_patched(model):
         fail("model", "the raw VLM for the teacher (no LoRAPatch active)", "a patched model")
-    inner = inner_model(model)
-    param = next(model.parameters())
-    batch = batch.to(param.device)
-    per_video = inner.get_image_features(batch.pixel_values.to(param.dtype), batch.pixel_attention_mask,
-                                         return_dict=True).pooler_output
-    image_tokens = torch.cat([per_video[v] for v in batch.row_video.tolist()])
-    embeds = inner.get_input_embeddings()(batch.input_ids)
-    slots = (batch.input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    if int(slots[..., 0].sum()) != image_tokens.shape[0]:
-        fail("input_ids", f"{image_tokens.shape[0]} <image> tokens (those of the rows' videos)",
-             int(slots[..., 0].sum()))
-    embeds = embeds.masked_scatter(slots, image_tokens.to(embeds.dtype))
-    hidden = inner.text_model(inputs_embeds=embeds, attention_mask=batch.attention_mask,
-                              use_cache=False).last_hidden_state
+    batch = batch.to(next(model.parameters()).device)
+    hidden = video_rows_hidden(model, batch.input_ids, batch.attention_mask,
+                               image_tokens(model, batch.pixel_values, batch.pixel_attention_mask), batch.row_video)
     return answer_logits(model, hidden, batch.labels)

@@ -66,6 +66,7 @@ from v2l_fast.train.denormals import flush_denormals
 from v2l_fast.train.objective import IGNORE, answer_loss, label_ce, right_pad_labelled, student_batch
 from v2l_fast.train.teacher import video_answers
 from v2l_fast.train.vision_warmup import vision_parameters, warm_up_vision
+from v2l_fast.vlm.features import image_tokens, video_rows_hidden
 from v2l_fast.vlm.frames import VideoPreprocessor, pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video, VideoError
@@ -210,23 +211,13 @@ def in_context_loss(model: torch.nn.Module, batch: InContextBatch) -> torch.Tens
     videos' tokens, `video_features`); row i's ``<image>`` positions take the tokens of video
     ``row_video[i]``.
     """
-    inner = model.model
     device = next(model.parameters()).device
     if batch.video_features is not None:
         features = [f.to(device) for f in batch.video_features]
     else:
-        features = inner.get_image_features(batch.pixel_values.to(device), batch.pixel_attention_mask.to(device),
-                                            return_dict=True).pooler_output
-    input_ids = batch.input_ids.to(device)
-    image_tokens = torch.cat([features[v] for v in batch.row_video.tolist()])
-    embeds = inner.get_input_embeddings()(input_ids)
-    slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
-    if int(slots[..., 0].sum()) != image_tokens.shape[0]:
-        fail("input_ids", f"{image_tokens.shape[0]} <image> tokens (those of the rows' videos)",
-             int(slots[..., 0].sum()))
-    embeds = embeds.masked_scatter(slots, image_tokens.to(embeds.dtype))
-    hidden = inner.text_model(inputs_embeds=embeds, attention_mask=batch.attention_mask.to(device),
-                              use_cache=False).last_hidden_state
+        features = image_tokens(model, batch.pixel_values, batch.pixel_attention_mask)
+    hidden = video_rows_hidden(model, batch.input_ids.to(device), batch.attention_mask.to(device), features,
+                               batch.row_video)
     return label_ce(model, hidden, batch.labels.to(device))
 
 
@@ -245,14 +236,12 @@ def video_features(vlm: VLM, videos: Sequence[Video], *, batch_videos: int = 64,
     check_int("batch_videos", batch_videos, 1)
     was_training = vlm.model.training
     vlm.model.eval()
-    inner, pre = vlm.model.model, vlm.preprocessor
-    device = next(vlm.model.parameters()).device
+    pre = vlm.preprocessor
     out: list[torch.Tensor] = []
     for start in tqdm(range(0, len(videos), batch_videos), desc="video tokens", disable=not progress):
         pixels, mask = pad_frames([pre.pixel_values(video) for video in videos[start:start + batch_videos]],
                                   pre.max_image_size)
-        out += [f.float().cpu() for f in inner.get_image_features(pixels.to(device), mask.to(device),
-                                                                  return_dict=True).pooler_output]
+        out += [f.float().cpu() for f in image_tokens(vlm.model, pixels, mask)]
     vlm.model.train(was_training)
     return out
 

@@ -42,6 +42,7 @@ from tqdm.auto import tqdm
 from v2l_fast.data.manifest import ManifestRow
 from v2l_fast.data.synthetic import COLOURS, DIRECTIONS, SHAPES, SIZES, Scene
 from v2l_fast.errors import check_int, fail
+from v2l_fast.vlm.features import image_tokens
 from v2l_fast.vlm.frames import pad_frames
 from v2l_fast.vlm.load import VLM
 from v2l_fast.vlm.video import Video
@@ -116,9 +117,7 @@ def frame_tokens(vlm: VLM, videos: Sequence[Video]) -> torch.Tensor:
         fail("videos", "clips of one frame count (a synthetic world's clips)", f"frame counts {counts}")
     pixels, mask = pad_frames([vlm.preprocessor.pixel_values(video) for video in videos],
                               vlm.preprocessor.max_image_size)
-    inner = vlm.model.model
-    device = next(vlm.model.parameters()).device
-    tokens = torch.stack(inner.get_image_features(pixels.to(device), mask.to(device), return_dict=True).pooler_output)
+    tokens = torch.stack(image_tokens(vlm.model, pixels, mask))
     return tokens.view(len(videos), pixels.shape[1], -1, tokens.shape[-1])
 
 

@@ -39,3 +39,30 @@ def extract_features(model: torch.nn.Module, batch: VideoBatch) -> tuple[torch.T
               output_hidden_states=True, use_cache=False, return_dict=True)
     states = out.hidden_states[:-1]
     return torch.stack(states, dim=1), batch.attention_mask
+
+
+def image_tokens(model: torch.nn.Module, pixel_values: torch.Tensor,
+                 pixel_attention_mask: torch.Tensor) -> list[torch.Tensor]:
+    """Each video's ``<image>`` tokens as the decoder sees them: the connector's output
+    ``[F_i · tokens_per_frame, H]`` for video i of ``pixel_values [B, F, 3, S, S]`` (padding frames
+    dropped), on the model's device and in its dtype; differentiable when the tower learns."""
+    inner = inner_model(model)
+    param = next(inner.parameters())
+    return list(inner.get_image_features(pixel_values.to(param.device, param.dtype),
+                                         pixel_attention_mask.to(param.device), return_dict=True).pooler_output)
+
+
+def video_rows_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      video_tokens: list[torch.Tensor], row_video: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states ``[rows, T, H]`` on rows whose ``<image>`` positions take
+    the tokens of video ``row_video[i]`` (``video_tokens``: per video, `image_tokens`), so that a
+    video's tokens are made once and shared by its rows. Refuses rows whose ``<image>`` positions
+    do not match their videos' token counts."""
+    inner = inner_model(model)
+    tokens = torch.cat([video_tokens[v] for v in row_video.tolist()])
+    embeds = inner.get_input_embeddings()(input_ids)
+    slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
+    if int(slots[..., 0].sum()) != tokens.shape[0]:
+        fail("input_ids", f"{tokens.shape[0]} <image> tokens (those of the rows' videos)", int(slots[..., 0].sum()))
+    embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
+    return inner.text_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
