@@ -26,6 +26,7 @@ import sys
 from collections.abc import Sequence
 
 import v2l_fast
+from v2l_fast import heap
 from v2l_fast.cli import ask, demo, evaluate, export_peft, info, internalize, replicate, serve, teacher, train, world
 from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
 
@@ -46,9 +47,11 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     """Run ``v2l-fast`` with ``argv`` (default: ``sys.argv[1:]``); return the exit code.
 
-    Bad input prints ``v2l-fast COMMAND: error: …`` (one line) to stderr and returns 2.
+    Bad input prints ``v2l-fast COMMAND: error: …`` (one line) to stderr and returns 2. Freed CPU
+    memory stays in the process for the command's life (`v2l_fast.heap.retain_freed_memory`).
     """
     args = build_parser().parse_args(argv)
+    heap.retain_freed_memory()
     try:
         device = pick_device(getattr(args, "device", None))
         with backend_scope(getattr(args, "backend", None), device):

@@ -10,6 +10,7 @@ import torch
 
 import v2l_fast
 from v2l_fast.cli.common import format_backends
+from v2l_fast.heap import heap_policy
 from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
 
 # Packages outside the core install and what needs them (pip extras of pyproject.toml).
@@ -43,6 +44,7 @@ def run_info(args, device: torch.device) -> int:
         print(f"  {package:<13} {_version(package)} (optional: {needed_by})")
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"  {'CUDA device':<13} {cuda}")
+    print(f"  {'CPU heap':<13} {heap_policy()}")
     print("build_info")
     for key, value in v2l_fast.build_info().items():
         print(f"  {key:<13} {value}")
