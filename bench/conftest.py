@@ -3,13 +3,17 @@
 Without either flag the benchmarks are collected but skipped, so a stray `pytest bench/` is
 cheap. Each benchmark records a row through the `bench_record` fixture; at the end of the run
 every module's rows are written to ``bench/results/<module>_<device>.json`` together with the
-device, library versions and the measured copy bandwidth — after every row, so that a run stopped
+device, library versions, the CPU heap's policy (`v2l_fast.heap`: freed memory kept in the
+process, as the ``v2l-fast`` command runs; ``V2L_FAST_HEAP=system`` for the C library's defaults)
+and the measured copy bandwidth — after every row, so that a run stopped
 part-way (the GPU runbook's per-stage timeout) keeps what it measured.
 """
 
 from __future__ import annotations
 
 import pytest
+
+from v2l_fast import heap
 
 from harness import ResultLog
 
@@ -27,6 +31,8 @@ def pytest_configure(config):
     if config.getoption("--benchmark"):
         # pytest-benchmark's own switch: run only tests that use the benchmark fixture.
         config.option.benchmark_only = True
+    if _enabled(config):
+        heap.retain_freed_memory()  # as `v2l-fast` runs; every provider of a row shares the process
 
 
 def pytest_collection_modifyitems(config, items):

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from v2l_fast.heap import heap_policy
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -162,6 +164,7 @@ class ResultLog:
             "versions": {p: _version(p) for p in ("torch", "triton", "transformers", "peft", "v2l_fast")},
             "python": platform.python_version(),
             "copy_bandwidth_gb_s": self.copy_bandwidth if self.rows else None,
+            "cpu_heap": heap_policy(),
         }
         paths = []
         for module, rows in self.rows.items():

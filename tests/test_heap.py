@@ -12,20 +12,24 @@ import pytest
 
 from v2l_fast import heap
 
-# In a fresh process (the policy is process-wide): make and drop a 64 MiB tensor, then count the
-# minor page faults of making and touching it again. glibc's defaults serve it with a new mmap
-# (16,384 fresh 4 KiB pages); with the policy it reuses the memory it already holds.
+# In a fresh process (the policy is process-wide): make and drop a 64 MiB tensor 8 times, then count
+# the minor page faults of 16 more. glibc's defaults serve each with a new mmap (16,384 fresh 4 KiB
+# pages every time); with the policy the heap grows for the first few (glibc's aligned allocation
+# does not refit a freed block of the same size at once) and then reuses the memory it holds.
 PROBE = """
 import json, resource, sys, torch
 from v2l_fast import heap
 applied = heap.retain_freed_memory() if sys.argv[1] == "retain" else False
-torch.ones(1 << 24).sum()  # 64 MiB, made and freed
+def cycle():
+    torch.ones(1 << 24).sum()  # 64 MiB, made, touched and freed
+for _ in range(8):
+    cycle()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-torch.ones(1 << 24).sum()
+for _ in range(16):
+    cycle()
 print(json.dumps(dict(applied=applied, faults=resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before,
                       policy=heap.heap_policy())))
 """
-
 
 def probe(mode: str, **env) -> dict:
     done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
@@ -37,8 +41,9 @@ def probe(mode: str, **env) -> dict:
 @pytest.mark.skipif(heap._mallopt() is None, reason="the C library is not glibc: the policy is a no-op here")
 def test_a_large_tensor_made_again_reuses_the_heap_without_page_faults():
     defaults, retained = probe("defaults"), probe("retain")
-    assert defaults["faults"] > 10_000, defaults  # the probe sees the faults it is there to remove
-    assert retained["applied"] and retained["faults"] < 100, retained
+    assert defaults["faults"] > 16 * 10_000, defaults  # the probe sees the faults it is there to remove
+    # (glibc's heap settles at a random cycle; 2 of 16 cycles still growing it is the most allowed)
+    assert retained["applied"] and retained["faults"] <= 2 * 16_384, retained
     assert retained["policy"].startswith("freed memory retained")
     assert defaults["policy"].startswith("the C library's defaults")
 
