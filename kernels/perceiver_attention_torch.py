@@ -21,10 +21,17 @@ query rows read the same ``y_t`` (the kv group only decides which ``W_k,g`` / ``
 head). FLOPs per context token: 4·nh·Q·D (scores + values) against 4·nkv·hd·D + 4·nh·Q·hd with
 K/V materialised; for nh=16, Q=8, D=512, nkv=4, hd=128 that is 0.26 vs 1.11 MFLOP.
 
-Keys are ``[context ; latents]``: the Q latent keys are ``zn_j`` in the same D-space, scored as
-``(W_k,gᵀ q / √hd) · zn_j`` (no ``w_c``). The two key sets are softmax-normalised separately and
-merged by log-sum-exp (``lse = log(e^lse_c + e^lse_l)``, ``u = e^(lse_c−lse) u_c + e^(lse_l−lse) u_l``),
+Keys are ``[context ; latents]``. The Q latent keys and values are made in head space as the
+reference makes them (``W_k zn_j``, ``W_v zn_j``: Q rows per sequence, no ``w_c``), scored
+against ``q`` there, and the two key sets are softmax-normalised separately and merged per head
+by log-sum-exp (``lse = log(e^lse_c + e^lse_l)``, ``o = e^(lse_c−lse) o_c + e^(lse_l−lse) o_l``),
 exactly the joint softmax over all S + Q keys, so the context is never concatenated.
+
+The gain ``w_c`` and ``1/√hd`` sit on the small tensors: ``W_k,g ⊙ w_c`` and ``W_v,g ⊙ w_c``
+(``[nkv·hd, D]``, once per call) and ``q`` (``[N, Q, nh·hd]``). The ``[N, nh·Q, D]`` absorbed
+queries and context mixtures are only ever GEMM inputs and outputs: no elementwise pass over
+them in the forward or the backward (measured on the training step's hypernetwork, 8 videos ×
+8 layers, S = 96: 2.69 → 2.44 s forward + backward, bench/NOTES.md).
 
 In fp32 and fp64 the cast in ``y_t`` is the identity, so ``a·y_t = s_t (a·x_t)`` and
 ``Σ_t p_t y_t = Σ_t (p_t s_t) x_t``: the torch context part scales the [R, S] score and
@@ -85,10 +92,10 @@ def absorbed_attention(context_part: Callable) -> Callable:
     (`context_attention`, or the Triton kernel).
 
     The backend takes the op's kernel arguments (the reference's, positionally). Everything but
-    the context half runs in it on [N, nh·Q, ·] tensors in fp32 (fp64 for fp64 inputs): the
-    latents' norm and q projection, the absorption of W_k (and of w_c), the latents' own Q keys,
-    the log-sum-exp merge, W_v per kv group and o_proj. It returns ``[N, Q, D]`` in the promoted
-    dtype of all inputs.
+    the context half runs in it in fp32 (fp64 for fp64 inputs): the latents' norm and q
+    projection, the absorption of ``W_k ⊙ w_c`` into ``[N, nh·Q, D]`` queries, ``W_v ⊙ w_c`` on the
+    context half's mixtures, the latents' own Q keys and values in head space, the log-sum-exp
+    merge per head and o_proj. It returns ``[N, Q, D]`` in the promoted dtype of all inputs.
     """
 
     def attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
@@ -101,27 +108,32 @@ def absorbed_attention(context_part: Callable) -> Callable:
         work = torch.promote_types(out_dtype, torch.float32)
         hd = q_weight.shape[0] // num_heads
         group = num_heads // num_kv_heads
-        context_weight = context_norm_weight.to(work)
 
         zn = rms_norm(latents, latents_norm_weight, eps)
-        q = F.linear(zn.to(work), q_weight.to(work)).view(N, Q, num_kv_heads, group, hd)
-        # Absorb W_k into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
-        absorbed = torch.einsum("nqgjh,ghd->ngjqd", q, k_weight.to(work).reshape(num_kv_heads, hd, D))
-        absorbed = absorbed.reshape(N, num_heads * Q, D) / math.sqrt(hd)
-        u_ctx, lse_ctx = context_part(absorbed * context_weight, context, context_mask, eps)
+        q = F.linear(zn.to(work), q_weight.to(work)).view(N, Q, num_kv_heads, group, hd) / math.sqrt(hd)
+        k_heads = k_weight.to(work).view(num_kv_heads, hd, D)
+        v_heads = v_weight.to(work).view(num_kv_heads, hd, D)
+        context_weight = context_norm_weight.to(work)
+        # Absorb W_k ⊙ w_c into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
+        # The gain and 1/√hd go on the weights and q, never on an [N, nh·Q, D] tensor.
+        queries = torch.einsum("nqgjh,ghd->ngjqd", q, k_heads * context_weight).reshape(N, num_heads * Q, D)
+        u_ctx, lse_ctx = context_part(queries.to(work), context, context_mask, eps)  # (autocast: GEMMs in bf16)
+        # Values of the context: (W_v,g ⊙ w_c) applied to each head's D-space mixture.
+        ctx_heads = torch.einsum("ngjqd,ghd->nqgjh", u_ctx.view(N, num_kv_heads, group, Q, D),
+                                 v_heads * context_weight)
 
-        # The latents' own keys (zn in the kv dtype, as the reference concatenates them).
-        latent_keys = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).to(work)
-        latent_scores = torch.matmul(absorbed, latent_keys.mT)
+        # The latents' own keys and values in head space, as the reference makes them (zn in the kv dtype).
+        kv_latents = zn.to(torch.promote_types(context.dtype, context_norm_weight.dtype)).to(work)
+        k_lat = F.linear(kv_latents, k_heads.view(-1, D)).view(N, Q, num_kv_heads, hd)
+        v_lat = F.linear(kv_latents, v_heads.view(-1, D)).view(N, Q, num_kv_heads, hd)
+        latent_scores = torch.einsum("nqgjh,nkgh->nqgjk", q, k_lat)
         lse_lat = torch.logsumexp(latent_scores, -1)
-        u_lat = torch.matmul(torch.softmax(latent_scores, -1), latent_keys)
-        lse = torch.logaddexp(lse_ctx, lse_lat)
-        u = (torch.exp(lse_ctx - lse)[..., None] * (u_ctx * context_weight)
-             + torch.exp(lse_lat - lse)[..., None] * u_lat)
+        lat_heads = torch.einsum("nqgjk,nkgh->nqgjh", torch.softmax(latent_scores, -1), v_lat)
 
-        # Values: W_v,g applied to the D-space mixture of each head, then o_proj.
-        heads = torch.einsum("ngjqd,ghd->nqgjh", u.view(N, num_kv_heads, group, Q, D),
-                             v_weight.to(work).reshape(num_kv_heads, hd, D))
+        # Joint softmax over [context ; latents] by log-sum-exp merge, per head and query.
+        lse_ctx = lse_ctx.view(N, num_kv_heads, group, Q).permute(0, 3, 1, 2)
+        lse = torch.logaddexp(lse_ctx, lse_lat)
+        heads = torch.exp(lse_ctx - lse)[..., None] * ctx_heads + torch.exp(lse_lat - lse)[..., None] * lat_heads
         return F.linear(heads.reshape(N, Q, num_heads * hd), o_weight.to(work)).to(out_dtype)
 
     return attention
