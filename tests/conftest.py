@@ -7,6 +7,8 @@ import os
 import pytest
 import torch
 
+import v2l_fast  # noqa: F401  (first: a checkout root on sys.path, from `python -m pytest`, leaves it)
+
 # Triton kernels run on the CPU through the interpreter in tests (set before triton is imported).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")

@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -266,3 +267,14 @@ def test_a_reader_that_stops_early_is_not_an_error():
     finally:
         os.close(write_end)
     assert proc.returncode == 0 and proc.stderr == b""
+
+
+def test_the_checkout_root_does_not_shadow_the_kernels_package_transformers_imports():
+    """``python -c`` / ``python -m`` started in the checkout's root: once `v2l_fast` is imported,
+    ``kernels`` is the PyPI package transformers imports, not the Triton sources' ``kernels/``."""
+    root = Path(__file__).resolve().parent.parent
+    code = ("import importlib.util, v2l_fast; spec = importlib.util.find_spec('kernels'); "
+            "print(spec.origin if spec else '')")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=root)
+    assert done.returncode == 0, done.stderr
+    assert not done.stdout.strip().startswith(str(root / "kernels")), done.stdout

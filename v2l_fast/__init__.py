@@ -14,7 +14,28 @@ The stack: `v2l_fast.load` (a `Session` of VLM + hypernetwork), `v2l_fast.intern
 `import v2l_fast` stays light for kernel users.
 """
 
-from v2l_fast._ext import build_info
+import sys
+from pathlib import Path
+
+
+def _leave_sys_path_if_checkout_root() -> None:
+    """Drop this source checkout's root from ``sys.path``.
+
+    ``python -m …``, ``python -c`` and notebooks started in the checkout's root put it first on
+    ``sys.path``, where the Triton sources' directory ``kernels/`` (installed as
+    `v2l_fast.kernels`) shadows the PyPI package ``kernels`` that transformers 5.25+ imports; the
+    root leaves ``sys.path`` when `v2l_fast` is imported (so: import it before transformers).
+    Only a checkout's root (``setup.py`` beside our ``kernels/``) is removed, never an installed
+    copy's parent (site-packages). `v2l_fast`'s own submodules resolve through the package.
+    """
+    root = Path(__file__).resolve().parent.parent
+    if (root / "setup.py").is_file() and (root / "kernels" / "lora_sgmv.py").is_file():
+        sys.path[:] = [entry for entry in sys.path if Path(entry or ".").resolve() != root]
+
+
+_leave_sys_path_if_checkout_root()
+
+from v2l_fast._ext import build_info  # noqa: E402  (after the sys.path fix above)
 
 __version__ = "0.1.0"
 
