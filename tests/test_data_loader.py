@@ -4,6 +4,7 @@ seeded shuffling, and unreadable videos as one-line errors (or skipped and liste
 from __future__ import annotations
 
 import json
+import multiprocessing
 
 import pytest
 import torch
@@ -64,6 +65,9 @@ def test_a_batch_is_the_internalisation_input_of_its_videos(vlm, manifest):
 
 
 def test_worker_processes_give_the_same_shuffled_batches_as_in_process(vlm, manifest):
+    """This process decodes first, then the workers: with forked workers and PyAV 18.1.1 they hung."""
+    assert VideoQALoader(read_manifest(manifest).rows, vlm=vlm, num_workers=2).loader.multiprocessing_context \
+        is not None or "forkserver" not in multiprocessing.get_all_start_methods()
     rows = read_manifest(manifest).rows
     options = dict(vlm=vlm, videos_per_batch=2, max_questions_per_video=2, shuffle=True, seed=7)
     in_process = VideoQALoader(rows, num_workers=0, **options)

@@ -15,6 +15,7 @@ batch's ``skipped``.
 
 from __future__ import annotations
 
+import multiprocessing
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -35,6 +36,18 @@ def describe_rows(rows: Sequence[ManifestRow]) -> str:
     more = f" and {len(rows) - 1} more row{'s' if len(rows) > 2 else ''}" if len(rows) > 1 else ""
     return f"{first.source or 'manifest'} (id {first.id!r}{more})"
 
+
+def worker_start_method(num_workers: int) -> str | None:
+    """How DataLoader workers start: ``"forkserver"`` where the platform has it, None without workers.
+
+    Workers forked from a process that has decoded a video with PyAV 18.1.1 hang in their first
+    decode (measured 2026-12-07; 18.1.0 does not; the cause inside PyAV is not known). Workers
+    started from the fork server, a fresh process that never decoded, do not depend on it; they
+    import the loader's modules once per worker (~2 s) instead of inheriting them.
+    """
+    if not num_workers or "forkserver" not in multiprocessing.get_all_start_methods():
+        return None
+    return "forkserver"
 
 @dataclass
 class _Item:
@@ -150,7 +163,7 @@ class VideoQALoader:
         self.skip_bad_rows = skip_bad_rows
         self.loader = DataLoader(self.dataset, batch_size=videos_per_batch, shuffle=shuffle,
                                  generator=torch.Generator().manual_seed(seed) if shuffle else None,
-                                 num_workers=num_workers,
+                                 num_workers=num_workers, multiprocessing_context=worker_start_method(num_workers),
                                  collate_fn=_Collate(vlm.tokenizer, vlm.preprocessor, instruction))
 
     def __len__(self) -> int:

@@ -50,7 +50,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from v2l_fast.api import pad_id
-from v2l_fast.data.loader import VideoQADataset, describe_rows
+from v2l_fast.data.loader import VideoQADataset, describe_rows, worker_start_method
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig, load_frames2lora
@@ -325,6 +325,7 @@ class Trainer:
     def _loader(self, dataset: _TrainVideos, batches) -> DataLoader:
         collate = _Collate(self.vlm.tokenizer, self.vlm.preprocessor, self.config.instruction, teacher=dataset.teacher)
         return DataLoader(dataset, batch_sampler=batches, num_workers=self.config.num_workers, collate_fn=collate,
+                          multiprocessing_context=worker_start_method(self.config.num_workers),
                           generator=torch.Generator().manual_seed(self.config.seed))
 
     # ---- checkpoints ------------------------------------------------------------------------
