@@ -117,7 +117,8 @@ def absorbed_attention(context_part: Callable) -> Callable:
         # Absorb W_k ⊙ w_c into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
         # The gain and 1/√hd go on the weights and q, never on an [N, nh·Q, D] tensor.
         queries = torch.einsum("nqgjh,ghd->ngjqd", q, k_heads * context_weight).reshape(N, num_heads * Q, D)
-        u_ctx, lse_ctx = context_part(queries.to(work), context, context_mask, eps)  # (autocast: GEMMs in bf16)
+        # (under autocast the einsum returns bf16; the context half takes the queries in the work dtype)
+        u_ctx, lse_ctx = context_part(queries.to(work), context, context_mask, eps)
         # Values of the context: (W_v,g ⊙ w_c) applied to each head's D-space mixture.
         ctx_heads = torch.einsum("ngjqd,ghd->nqgjh", u_ctx.view(N, num_kv_heads, group, Q, D),
                                  v_heads * context_weight)

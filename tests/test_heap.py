@@ -31,6 +31,7 @@ print(json.dumps(dict(applied=applied, faults=resource.getrusage(resource.RUSAGE
                       policy=heap.heap_policy())))
 """
 
+
 def probe(mode: str, **env) -> dict:
     done = subprocess.run([sys.executable, "-c", PROBE, mode], capture_output=True, text=True, timeout=120,
                           env={**os.environ, **env})

@@ -49,6 +49,7 @@ def worker_start_method(num_workers: int) -> str | None:
         return None
     return "forkserver"
 
+
 @dataclass
 class _Item:
     rows: tuple[ManifestRow, ...]
