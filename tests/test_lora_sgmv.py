@@ -7,6 +7,7 @@ element a kernel forgets to write, or reads without writing, fails the compariso
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 
@@ -341,6 +342,39 @@ def test_cpp_keeps_fp64_accumulation():
     out = ops.lora_sgmv(**args, backend="cpp")
     assert out.dtype == torch.float64
     assert_rel_close(out, reference(**args), torch.float64)
+
+
+AUTOCAST_CASES = {  # (backend, case, with gradients)
+    "reference_decode": ("reference", lambda: make_case(12, 40, 24, 8, 3, 12), False),
+    "cpp_prefill": ("cpp", lambda: make_case(40, 40, 24, 8, 3, 5), False),
+    "torch_training_runs": ("torch", lambda: training_case(4, 2, 5, 40, 24, 8, 4), True),
+    "cpp_training_runs": ("cpp", lambda: training_case(4, 2, 5, 40, 24, 8, 4), True),
+}
+
+
+@pytest.mark.parametrize("name", list(AUTOCAST_CASES))
+def test_under_bf16_autocast_every_cpu_backend_still_accumulates_in_fp32(name):
+    """A training step on an AMX CPU runs under bf16 autocast: the op keeps its fp32 contract (and
+    the reference stays a reference) instead of running its GEMMs in bf16."""
+    backend, case, grad = AUTOCAST_CASES[name]
+    if backend == "cpp" and CPP_MISSING is not None:
+        pytest.skip(f"cpp backend: {CPP_MISSING}")
+    args = case()
+    run = reference if backend == "reference" else functools.partial(ops.lora_sgmv, backend=backend)
+
+    def output_and_grads(autocast: bool):
+        leaves = {k: args[k].clone().requires_grad_(grad) for k in ("x", "A", "B")}
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+            out = run(**(args | leaves))
+        if grad:  # outside autocast, as the trainer (and torch's autocast docs) do
+            out.backward(torch.ones_like(out))
+        return out, [leaves[k].grad for k in leaves] if grad else []
+
+    plain, autocast = output_and_grads(False), output_and_grads(True)
+    assert autocast[0].dtype == torch.float32
+    assert_rel_close(autocast[0], reference_fp64(args).float(), torch.float32)
+    for a, b in zip(autocast[1], plain[1]):
+        assert_rel_close(a, b, torch.float32)
 
 
 GPU_BACKENDS = ["triton", "cuda"]

@@ -80,18 +80,24 @@ def _reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: to
 
 
 def _torch(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
-    """Batched GEMMs over runs of one adapter (training batches), else the reference's loop."""
-    return torch_lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m,
-                           fallback=_reference)
+    """Batched GEMMs over runs of one adapter (training batches), else the reference's loop.
+
+    Outside autocast, like every backend: the contract is fp32 accumulation (ATen's matmuls would
+    otherwise run in the autocast dtype; the LoRA's rank-R GEMMs are a small share of a step)."""
+    with torch.autocast(x.device.type, enabled=False):
+        return torch_lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m,
+                               fallback=_reference)
 
 
 def _cpp(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
-    """C++ CPU forward (`v2l_fast._C.lora_sgmv_cpu`, fp32 accumulation); the reference when a
-    gradient is needed or an input is fp64 (whose contract is fp64 accumulation)."""
+    """C++ CPU forward (`v2l_fast._C.lora_sgmv_cpu`, fp32 accumulation, outside autocast as `_torch`);
+    the torch backend when a gradient is needed or an input is fp64 (whose contract is fp64
+    accumulation)."""
     fp64 = torch.float64 in (x.dtype, A.dtype, B.dtype, base.dtype if base is not None else None)
     if fp64 or _needs_grad(x, A, B, base):
         return _torch(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m)
-    return require_extension().lora_sgmv_cpu(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base)
+    with torch.autocast(x.device.type, enabled=False):
+        return require_extension().lora_sgmv_cpu(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base)
 
 
 def _cuda(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):

@@ -47,8 +47,14 @@ def lora_sgmv(
 
     Returns:
         ``[T, O]`` in ``base.dtype`` (or ``x.dtype`` without base), accumulated in fp32
-        (fp64 when any input is fp64). A new tensor: ``base`` is not modified.
+        (fp64 when any input is fp64), under autocast too (it is switched off inside). A new
+        tensor: ``base`` is not modified.
     """
+    with torch.autocast(x.device.type, enabled=False):
+        return _lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, layer, scaling, base)
+
+
+def _lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, layer, scaling, base):
     if layer is not None:
         A, B = A[:, layer], B[:, layer]
     T = x.shape[0]
