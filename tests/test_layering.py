@@ -21,6 +21,7 @@ LAYERS = {
     "v2l_fast.reference": "reference",
     "v2l_fast.ops": "ops",
     "v2l_fast.hypernet": "models", "v2l_fast.vlm": "models", "v2l_fast.compat": "models",
+    "v2l_fast.precision": "models",
     "v2l_fast.adapters": "stack", "v2l_fast.api": "stack", "v2l_fast.data": "stack", "v2l_fast.train": "stack",
     "v2l_fast.serve": "stack", "v2l_fast.long_video": "stack",
     "v2l_fast.cli": "cli", "v2l_fast.__main__": "cli",

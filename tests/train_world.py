@@ -42,13 +42,15 @@ def save_tiny_vlm(directory, seed: int = 0) -> str:
 
 def tiny_config(root, **overrides) -> TrainConfig:
     """A few-step run over ``root/train.jsonl`` (and ``root/val.jsonl`` when present) with a small
-    hypernetwork, no workers and no progress bar; ``overrides`` replace any setting."""
+    hypernetwork, no workers and no progress bar, in fp32 on every CPU (``bf16`` would autocast
+    on one with AMX: the tests that compare with fp32 computations apart would then depend on the
+    machine; test_train_precision.py covers bf16); ``overrides`` replace any setting."""
     val = os.path.join(root, "val.jsonl")
     settings = dict(train_manifest=os.path.join(root, "train.jsonl"),
                     val_manifest=val if os.path.isfile(val) else None, out_dir=os.path.join(root, "run"),
                     rank=4, latent_size=32, num_latent_queries=4, num_blocks=1, max_frames=2, lr=3e-3,
                     warmup_ratio=0.25, max_steps=6, videos_per_device=2, questions_per_video=2, grad_accum=2,
-                    eval_every=3, save_every=2, keep_last=2, num_workers=0, progress=False, seed=7)
+                    eval_every=3, save_every=2, keep_last=2, num_workers=0, progress=False, seed=7, bf16=False)
     settings.update(overrides)
     return TrainConfig(**settings)
 

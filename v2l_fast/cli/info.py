@@ -12,6 +12,7 @@ import v2l_fast
 from v2l_fast.cli.common import format_backends
 from v2l_fast.heap import heap_policy
 from v2l_fast.ops.registry import BACKENDS, runtime_missing, use_backend
+from v2l_fast.precision import bf16_matmul_hardware, bf16_unavailable_reason
 
 # Packages outside the core install and what needs them (pip extras of pyproject.toml).
 OPTIONAL_PACKAGES = {"fastapi": "v2l-fast serve", "uvicorn": "v2l-fast serve",
@@ -45,6 +46,11 @@ def run_info(args, device: torch.device) -> int:
     cuda = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "none"
     print(f"  {'CUDA device':<13} {cuda}")
     print(f"  {'CPU heap':<13} {heap_policy()}")
+    for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
+        hardware = bf16_matmul_hardware(device)
+        training = (f"{hardware}: training autocasts to bf16" if hardware
+                    else f"training stays fp32: {bf16_unavailable_reason(device)}")
+        print(f"  {'bf16 on ' + device:<13} {training}")
     print("build_info")
     for key, value in v2l_fast.build_info().items():
         print(f"  {key:<13} {value}")

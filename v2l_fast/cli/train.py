@@ -50,7 +50,8 @@ HELP = {
     "grad_accum": "micro-batches accumulated per optimizer step (global batch = videos per device × "
                   "processes × grad_accum)",
     "seed": "seed of the fresh hypernetwork and of the data order",
-    "bf16": "bf16 autocast on CUDA (no effect on the CPU)",
+    "bf16": "bf16 autocast (and the frozen VLM loaded in bf16) where the device multiplies bf16 in "
+            "hardware: CUDA, or a CPU with AMX (`v2l-fast info` says); elsewhere fp32",
     "max_frames": "frames sampled per video",
     "instruction": "internalisation text after the video",
     "eval_every": "evaluate the validation CE every N steps (and at the end)",

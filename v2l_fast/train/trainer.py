@@ -4,7 +4,8 @@ Each step: the frozen VLM's stacked layer states of a batch of videos (fresh, or
 feature cache), one generated adapter per video, and spec §7's teacher-forced CE over the answer
 tokens of that video's questions, all of a video's rows sharing its adapter through `LoRAPatch`
 segments (`v2l_fast.train.objective.adapter_objective`). AdamW, cosine schedule with linear warm-up,
-gradient clipping, gradient accumulation, bf16 autocast on CUDA.
+gradient clipping, gradient accumulation, bf16 autocast where the device multiplies bf16 in
+hardware (CUDA; a CPU with AMX: `v2l_fast.precision`), the Perceiver included.
 
 With ``kl_weight`` > 0 the loss is CE + kl_weight · KL (spec §7): the frozen VLM, unpatched, also
 reads every row with its video in context (`v2l_fast.train.distill`) and the student's answer
@@ -54,6 +55,7 @@ from v2l_fast.data.loader import VideoQADataset, describe_rows, worker_start_met
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig, load_frames2lora
+from v2l_fast.precision import bf16_matmul_hardware
 from v2l_fast.train import checkpoint as ckpt
 from v2l_fast.train.config import TrainConfig
 from v2l_fast.train.denormals import flush_denormals
@@ -226,12 +228,12 @@ class _Batches(torch.utils.data.Sampler):
 class _AdapterGenerator(nn.Module):
     """The hypernetwork behind a ``forward`` (what DDP wraps): features → combined ``(A, B)``."""
 
-    def __init__(self, hypernet: Frames2LoRA):
+    def __init__(self, hypernet: Frames2LoRA, autocast: bool):
         super().__init__()
-        self.hypernet = hypernet
+        self.hypernet, self.autocast = hypernet, autocast
 
     def forward(self, features: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self.hypernet.generate(features, mask)
+        out = self.hypernet.generate(features, mask, autocast=self.autocast)
         return out.A, out.B
 
 
@@ -281,11 +283,11 @@ class Trainer:
         self.config = config
         self.dist = setup_distributed(device or torch.device("cpu"))
         device = self.dist.device
+        self.bf16 = config.bf16 and bf16_matmul_hardware(device) is not None
         if vlm is None:
             if config.vlm is None:
                 fail("vlm", "the SmolVLM2 to train for (--vlm HUB_ID_OR_DIR)", "none")
-            vlm = load_smolvlm(config.vlm, dtype=torch.bfloat16 if device.type == "cuda" else torch.float32,
-                               device=device)
+            vlm = load_smolvlm(config.vlm, dtype=torch.bfloat16 if self.bf16 else torch.float32, device=device)
         self.vlm = VLM(vlm.model.to(device), vlm.tokenizer,
                        dataclasses.replace(vlm.preprocessor, max_frames=config.max_frames))
         self.vlm.model.requires_grad_(False).eval()
@@ -301,7 +303,7 @@ class Trainer:
         self.order = DataOrder(len(self.dataset), config.seed, config.videos_per_device, self.dist.world_size,
                                config.grad_accum)
         self.hypernet = _build_hypernet(config, self.vlm).to(device=device, dtype=torch.float32).train()
-        module = _AdapterGenerator(self.hypernet)
+        module = _AdapterGenerator(self.hypernet, autocast=self.bf16)
         self.optimizer = torch.optim.AdamW(self.hypernet.parameters(), lr=config.lr, betas=config.betas,
                                            eps=config.eps, weight_decay=config.weight_decay)
         from transformers import get_cosine_schedule_with_warmup
@@ -426,8 +428,7 @@ class Trainer:
         targets = [row.target_text for rows in micro.rows for row in rows]
         row_video = [j for j, rows in enumerate(micro.rows) for _ in rows]
         batch = student_batch(self.vlm.tokenizer, prompts, targets, row_video, row_ids=self.student_row_ids)
-        autocast = self.config.bf16 and self.dist.device.type == "cuda"
-        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=autocast):
+        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             teacher = None
             if micro.teacher is not None:
                 teacher = teacher_answer_logits(self.vlm.model, micro.teacher)
@@ -531,7 +532,8 @@ def train(config: TrainConfig, *, vlm: VLM | None = None, device: torch.device |
 
     Args:
         config: the run's settings.
-        vlm: the frozen VLM (None: ``load_smolvlm(config.vlm)``, bf16 on CUDA, fp32 on the CPU).
+        vlm: the frozen VLM (None: ``load_smolvlm(config.vlm)``, in bf16 where training autocasts
+            to bf16 (``config.bf16`` and `v2l_fast.precision.bf16_matmul_hardware`), else fp32).
         device: this process's device (None: the CPU; under ``torchrun`` on CUDA, ``cuda:LOCAL_RANK``).
     """
     trainer = Trainer(config, vlm=vlm, device=device)

@@ -1,0 +1,53 @@
+"""Where bf16 pays: does a device multiply bf16 matrices in hardware, faster than fp32.
+
+Training autocasts to bf16 (``TrainConfig.bf16``, on by default) only where this module says the
+device multiplies bf16 in hardware; elsewhere bf16 would be emulated, slower than fp32, and
+training stays in fp32:
+
+- CUDA GPUs that support bf16 (Ampere and later; the spec's own setting);
+- x86 CPUs with AMX (Intel Sapphire Rapids and later): oneDNN runs bf16 GEMMs on the AMX tiles.
+  On the 2-core development VM (2026-12-07, bench/NOTES.md "bf16 on the CPU") they ran 4–11× the
+  fp32 rate at the training step's shapes (2.4 TFLOP/s against 0.23–0.35 for the decoder's
+  projections; 1.0 against 0.25 for the 49k-wide LM head), and the features-given training step
+  took 2.4 s instead of 4.6.
+
+A CPU with ``avx512_bf16`` but no AMX (Cooper Lake, Zen 4) multiplies bf16 with vector
+instructions: whether that beats fp32 there is unmeasured, so it stays fp32. Inference
+(`internalize`, `ask`, the engine) keeps the model's own dtype on every device: this module
+decides the training loops' autocast only.
+
+A models-level module: it imports only torch.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def bf16_matmul_hardware(device: torch.device | str) -> str | None:
+    """What multiplies bf16 matrices in hardware on ``device`` (``"CUDA"``, ``"AMX"``), or None.
+
+    None means bf16 would be emulated there (slower than fp32); `bf16_unavailable_reason` says why.
+    """
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "CUDA" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else None
+    if device.type == "cpu":
+        return "AMX" if _cpu_has_amx() else None
+    return None
+
+
+def bf16_unavailable_reason(device: torch.device | str) -> str:
+    """Why `bf16_matmul_hardware` is None on ``device`` (one line for ``v2l-fast info``)."""
+    device = torch.device(device)
+    if device.type == "cpu":
+        return "this CPU has no AMX tiles (bf16 would be emulated; avx512_bf16 alone is unmeasured)"
+    if device.type == "cuda":
+        return "this GPU does not support bf16 (before Ampere)"
+    return f"no bf16 matmul check for device type {device.type!r}"
+
+
+def _cpu_has_amx() -> bool:
+    """AMX tiles usable by this process (the CPU has them and the OS lets the process use them)."""
+    is_supported = getattr(torch.cpu, "_is_amx_tile_supported", None)  # private; torch ≥ 2.3
+    return bool(is_supported and is_supported())
