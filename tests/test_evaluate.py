@@ -50,7 +50,9 @@ def spied(world, models):
     generate, hyper_generate = vlm.model.generate, hypernet.generate
 
     def spy(**kwargs):
-        calls.append({"input_ids": kwargs["input_ids"].clone(), "pixels": "pixel_values" in kwargs,
+        # the video reaches the VLM as pixels or as its tokens in the input embeddings (video_answers)
+        video = "pixel_values" in kwargs or "inputs_embeds" in kwargs
+        calls.append({"input_ids": kwargs["input_ids"].clone(), "video": video,
                       "patched": is_patched(vlm.model)})
         return generate(**kwargs)
 
@@ -115,10 +117,10 @@ def test_adapter_mode_has_no_visual_tokens_and_no_mode_mixes_adapter_and_video(s
     report, calls, _ = spied
     vlm, _ = models
     image_id = vlm.model.config.image_token_id
-    video = [c for c in calls if c["pixels"]]
+    video = [c for c in calls if c["video"]]
     adapter = [c for c in calls if c["patched"]]
-    none = [c for c in calls if not c["pixels"] and not c["patched"]]
-    assert not any(c["pixels"] and c["patched"] for c in calls)
+    none = [c for c in calls if not c["video"] and not c["patched"]]
+    assert not any(c["video"] and c["patched"] for c in calls)
     for group in (video, adapter, none):
         assert sum(len(c["input_ids"]) for c in group) == report.n
     assert all(((c["input_ids"] == image_id).sum(1) == FRAMES * image_seq_len("tiny")).all() for c in video)

@@ -21,6 +21,7 @@ from v2l_fast.data.manifest import read_manifest
 from v2l_fast.testing import write_test_video
 from v2l_fast.train.teacher import EMPTY_ANSWER, make_teacher_targets, partial_path, teacher_prompt
 from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer, tiny_vlm
+from v2l_fast.vlm.features import inner_model
 from v2l_fast.vlm.video import VideoError, read_video
 
 MAX_NEW_TOKENS = 6
@@ -99,6 +100,26 @@ def test_targets_are_the_greedy_answers_with_the_video_in_context(world, vlm, fo
     assert lines_of(tmp_path / "one.jsonl") == reference
     assert len(read_manifest(folder / "reference.jsonl", require_targets=True).rows) == len(ROWS)
     assert not os.path.exists(partial_path(folder / "reference.jsonl"))
+
+
+def test_a_videos_questions_share_one_pass_of_the_vision_tower(world, vlm, folder, tmp_path, reference):
+    """Seven rows of three clips in one batch: the tower sees each clip's frames once (not once per
+    row), and the answers are those of batches of three (the reference) and of the model's own
+    per-row pixels (the first test)."""
+    seen = []
+
+    def count_images(module, args, kwargs):
+        seen.append((kwargs["pixel_values"] if "pixel_values" in kwargs else args[0]).shape[0])
+
+    clip_frames = [vlm.preprocessor.pixel_values(read_video(folder / "clips" / f"c{c}.mp4", max_frames=3)).shape[0]
+                   for c in range(3)]
+    handle = inner_model(vlm.model).vision_model.register_forward_pre_hook(count_images, with_kwargs=True)
+    try:
+        teach(world, tmp_path / "one_batch.jsonl", vlm, batch_size=len(ROWS))
+    finally:
+        handle.remove()
+    assert seen == [sum(clip_frames)], (seen, clip_frames)
+    assert lines_of(tmp_path / "one_batch.jsonl") == reference
 
 
 def test_an_empty_answer_becomes_unable_to_determine(world, vlm, tmp_path, monkeypatch):

@@ -241,8 +241,8 @@ def left_pad(rows: list[list[int]], pad: int, device) -> tuple[torch.Tensor, tor
 @torch.no_grad()
 def greedy_answers(model, adapters, input_ids, attention_mask, max_new_tokens, pad, eos, tokenizer,
               **model_inputs) -> list[str]:
-    """Greedy answers of a left-padded batch, decoded and stripped; ``model_inputs`` (pixels of
-    the teacher's video prompts) go to ``generate`` as they are."""
+    """Greedy answers of a left-padded batch, decoded and stripped; ``model_inputs`` (the input
+    embeddings of the teacher's video prompts) go to ``generate`` as they are."""
     def run():
         return model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
                               do_sample=False, pad_token_id=pad, eos_token_id=eos, **model_inputs)

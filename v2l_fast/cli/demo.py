@@ -104,26 +104,50 @@ def demo_session(seed: int, device: torch.device, max_frames: int):
 
 @contextmanager
 def _model_inputs(model: torch.nn.Module):
-    """Record ``(input_ids, attention_mask, frames)`` of every forward of the VLM body (frames:
-    the pixel frames passed in, 0 for none).
+    """Record ``(input_ids, attention_mask, frames)`` of every context the VLM reads (frames: the
+    pixel frames passed in, 0 for none): each ``generate`` call's prompt, and each forward of the
+    VLM body outside ``generate`` (internalization's feature pass).
 
-    This is what the language model actually receives, so the visual-token counts in the
-    reports are measured, not derived from the prompt text.
+    These are the ids the language model actually receives, so the visual-token counts in the
+    reports are measured, not derived from the prompt text. A prompt's ``<image>`` positions
+    carry the video's tokens whether ``generate`` gets pixels or, as `video_answers` passes them
+    (made once per video), input embeddings; so ``generate``'s own arguments are recorded, not
+    its first forward's (which then receives the embeddings alone).
     """
     from v2l_fast.vlm.features import inner_model
 
     calls: list[tuple[torch.Tensor, torch.Tensor | None, int]] = []
+    generating = False
 
-    def record(module, args, kwargs):
+    def record(kwargs) -> None:
         pixels = kwargs.get("pixel_values")
         frames = 0 if pixels is None else int(pixels.shape[:-3].numel())
         calls.append((kwargs.get("input_ids"), kwargs.get("attention_mask"), frames))
 
-    handle = inner_model(model).register_forward_pre_hook(record, with_kwargs=True)
+    def record_forward(module, args, kwargs):
+        if not generating:
+            record(kwargs)
+
+    def recorded_generate(**kwargs):
+        nonlocal generating
+        record(kwargs)
+        generating = True
+        try:
+            return generate(**kwargs)
+        finally:
+            generating = False
+
+    generate, own = model.generate, model.__dict__.get("generate")
+    handle = inner_model(model).register_forward_pre_hook(record_forward, with_kwargs=True)
+    model.generate = recorded_generate
     try:
         yield calls
     finally:
         handle.remove()
+        if own is None:
+            del model.generate  # back to the class's generate
+        else:
+            model.generate = own
 
 
 def _context_summary(calls, image_token_id: int) -> tuple[list[int], int, int]:

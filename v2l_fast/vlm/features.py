@@ -52,17 +52,26 @@ def image_tokens(model: torch.nn.Module, pixel_values: torch.Tensor,
                                          pixel_attention_mask.to(param.device), return_dict=True).pooler_output)
 
 
-def video_rows_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                      video_tokens: list[torch.Tensor], row_video: torch.Tensor) -> torch.Tensor:
-    """The decoder's final hidden states ``[rows, T, H]`` on rows whose ``<image>`` positions take
-    the tokens of video ``row_video[i]`` (``video_tokens``: per video, `image_tokens`), so that a
-    video's tokens are made once and shared by its rows. Refuses rows whose ``<image>`` positions
-    do not match their videos' token counts."""
+def video_rows_embeds(model: torch.nn.Module, input_ids: torch.Tensor, video_tokens: list[torch.Tensor],
+                      row_video: torch.Tensor | list[int]) -> torch.Tensor:
+    """The decoder's input embeddings ``[rows, T, H]`` of rows whose ``<image>`` positions take the
+    tokens of video ``row_video[i]`` (``video_tokens``: per video, `image_tokens`), so that a video's
+    tokens are made once and shared by its rows — what the model's own forward makes from pixels
+    repeated per row. Refuses rows whose ``<image>`` positions do not match their videos' token
+    counts."""
     inner = inner_model(model)
-    tokens = torch.cat([video_tokens[v] for v in row_video.tolist()])
+    row_video = row_video.tolist() if isinstance(row_video, torch.Tensor) else row_video
+    tokens = torch.cat([video_tokens[v] for v in row_video])
     embeds = inner.get_input_embeddings()(input_ids)
     slots = (input_ids == model.config.image_token_id).unsqueeze(-1).expand_as(embeds)
     if int(slots[..., 0].sum()) != tokens.shape[0]:
         fail("input_ids", f"{tokens.shape[0]} <image> tokens (those of the rows' videos)", int(slots[..., 0].sum()))
-    embeds = embeds.masked_scatter(slots, tokens.to(embeds.dtype))
-    return inner.text_model(inputs_embeds=embeds, attention_mask=attention_mask, use_cache=False).last_hidden_state
+    return embeds.masked_scatter(slots, tokens.to(embeds.dtype))
+
+
+def video_rows_hidden(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                      video_tokens: list[torch.Tensor], row_video: torch.Tensor) -> torch.Tensor:
+    """The decoder's final hidden states ``[rows, T, H]`` on the rows of `video_rows_embeds`."""
+    embeds = video_rows_embeds(model, input_ids, video_tokens, row_video)
+    return inner_model(model).text_model(inputs_embeds=embeds, attention_mask=attention_mask,
+                                         use_cache=False).last_hidden_state
