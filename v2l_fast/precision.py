@@ -6,10 +6,9 @@ training stays in fp32:
 
 - CUDA GPUs that support bf16 (Ampere and later; the spec's own setting);
 - x86 CPUs with AMX (Intel Sapphire Rapids and later): oneDNN runs bf16 GEMMs on the AMX tiles.
-  On the 2-core development VM (2026-12-07, bench/NOTES.md "bf16 on the CPU") they ran 4–11× the
-  fp32 rate at the training step's shapes (2.4 TFLOP/s against 0.23–0.35 for the decoder's
-  projections; 1.0 against 0.25 for the 49k-wide LM head), and the features-given training step
-  took 2.4 s instead of 4.6.
+  On the 2-core development VM (2026-12-07, `bench/bench_precision.py`, bench/NOTES.md "bf16 on
+  the CPU") they ran 6.0–7.8× the fp32 rate at the training step's shapes (1.9–2.4 TFLOP/s
+  against 0.31–0.33), and the features-given training step took 2.40 s instead of 4.46.
 
 A CPU with ``avx512_bf16`` but no AMX (Cooper Lake, Zen 4) multiplies bf16 with vector
 instructions: whether that beats fp32 there is unmeasured, so it stays fp32. Inference
