@@ -22,8 +22,9 @@ Providers, interleaved round by round (`harness.interleaved`):
 ``test_training_step_bf16`` times the same step in bf16 where the device multiplies bf16 in
 hardware (`v2l_fast.precision`: CUDA, a CPU with AMX), as each code trains there: the frozen VLM's
 weights in bf16 (the authors' ``load`` default) and the step under bf16 autocast, the hypernetwork's
-Perceiver included (v2l_fast's trainer passes ``autocast=True``; the authors' code autocasts its
-hypernetwork itself on CUDA, and the bench's CPU autocast covers it on the CPU). Every provider's
+Perceiver included (v2l_fast's trainer passes ``autocast=True`` and runs the step in
+`training_autocast`, which on the CPU also picks the math SDPA kernel; the authors' code autocasts
+its hypernetwork itself on CUDA, and the bench's CPU autocast covers it on the CPU). Every provider's
 loss and gradients are then compared with v2l_fast's fp32 step, at bf16 tolerance.
 
 ``test_training_step_from_video`` times the step as each code trains, from the videos: the
@@ -51,7 +52,7 @@ import torch
 import torch.nn.functional as F
 
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig
-from v2l_fast.precision import bf16_matmul_hardware, bf16_unavailable_reason
+from v2l_fast.precision import bf16_matmul_hardware, bf16_unavailable_reason, training_autocast
 from v2l_fast.testing import rel_error
 from v2l_fast.train.features_cache import FeatureCache, pad_videos
 from v2l_fast.train.objective import IGNORE, StudentBatch, adapter_loss
@@ -134,12 +135,16 @@ def per_row_lora_forward(module, A, B, alpha, questions):
 
 def loss_fn(provider: str, from_video: bool = False, bf16: bool = False):
     """``() -> loss`` of one provider's step (None when it cannot run here); the step starts from
-    `features_source` ``(provider, from_video)``; with ``bf16``, on `bf16_model` under bf16 autocast."""
+    `features_source` ``(provider, from_video)``; with ``bf16``, on `bf16_model` under bf16 autocast
+    (v2l_fast's as its trainer runs it, `training_autocast`)."""
     step = _loss_fn(provider, from_video, bf16)
     if step is None or not bf16:
         return step
 
     def autocast_step():
+        if provider == "v2l_fast":
+            with training_autocast(DEVICE, True):
+                return step()
         with torch.autocast(DEVICE.type, dtype=torch.bfloat16):
             return step()
 

@@ -63,3 +63,37 @@ def test_on_a_cpu_without_amx_bf16_true_trains_in_fp32_bit_for_bit(world, monkey
     trainer, asked = first_step(world, monkeypatch, "no-amx", hardware=None, bf16=True)
     assert not trainer.bf16 and trainer.vlm.model.dtype == torch.float32
     assert (asked["loss"], asked["grad_norm"]) == (fp32["loss"], fp32["grad_norm"])
+
+
+def backward_nodes(tensor: torch.Tensor) -> set[str]:
+    """Names of the autograd nodes that ``tensor``'s backward runs."""
+    seen, stack, names = set(), [tensor.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return names
+
+
+@pytest.mark.parametrize("enabled,flash,dtype", [(True, False, torch.bfloat16), (False, True, torch.float32)])
+def test_a_bf16_training_forward_on_the_cpu_takes_the_math_attention_kernel(enabled, flash, dtype):
+    """The CPU flash kernel's bf16 backward is the slow one (bench/NOTES.md): under
+    `training_autocast` the decoder's attention records the math kernel's ops instead."""
+    q = torch.randn(2, 3, 8, 16, requires_grad=True)
+    with precision.training_autocast("cpu", enabled):
+        assert torch.is_autocast_enabled("cpu") == enabled
+        out = torch.nn.functional.scaled_dot_product_attention(q, q, q, is_causal=True)
+    assert out.dtype == dtype
+    assert ("ScaledDotProductFlashAttentionForCpuBackward0" in backward_nodes(out)) == flash
+
+
+def test_forward_only_blocks_keep_the_flash_kernel():
+    """Evaluation and the KL teacher run without a backward: the flash forward is the faster there."""
+    with torch.no_grad(), precision.training_autocast("cpu", True):
+        assert torch.backends.cuda.flash_sdp_enabled()  # the flag the CPU's SDPA dispatch reads too
+    with precision.training_autocast("cpu", True):
+        assert not torch.backends.cuda.flash_sdp_enabled()
+    assert torch.backends.cuda.flash_sdp_enabled(), "restored after the block"

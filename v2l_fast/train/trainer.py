@@ -55,7 +55,7 @@ from v2l_fast.data.loader import VideoQADataset, describe_rows, worker_start_met
 from v2l_fast.data.manifest import ManifestRow, read_manifest
 from v2l_fast.errors import fail
 from v2l_fast.hypernet import Frames2LoRA, Frames2LoRAConfig, load_frames2lora
-from v2l_fast.precision import bf16_matmul_hardware
+from v2l_fast.precision import bf16_matmul_hardware, training_autocast
 from v2l_fast.train import checkpoint as ckpt
 from v2l_fast.train.config import TrainConfig
 from v2l_fast.train.denormals import flush_denormals
@@ -428,10 +428,11 @@ class Trainer:
         targets = [row.target_text for rows in micro.rows for row in rows]
         row_video = [j for j, rows in enumerate(micro.rows) for _ in rows]
         batch = student_batch(self.vlm.tokenizer, prompts, targets, row_video, row_ids=self.student_row_ids)
-        with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            teacher = None
-            if micro.teacher is not None:
+        teacher = None
+        if micro.teacher is not None:
+            with torch.autocast(self.dist.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 teacher = teacher_answer_logits(self.vlm.model, micro.teacher)
+        with training_autocast(self.dist.device, self.bf16):
             terms = adapter_objective(adapters, self.vlm.model, features, mask, batch, teacher=teacher,
                                       kl_weight=self.config.kl_weight if teacher is not None else 0.0,
                                       kl_temperature=self.config.kl_temperature)
