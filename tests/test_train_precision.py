@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from train_world import read_metrics, save_tiny_vlm, tiny_config, write_train_and_val
+from safetensors.torch import load_file
+from train_world import killed_after_step_3_then_resumed, read_metrics, save_tiny_vlm, tiny_config, write_train_and_val
 
 from v2l_fast import precision
 from v2l_fast.train import trainer as trainer_module
-from v2l_fast.train.trainer import Trainer
+from v2l_fast.train.trainer import Trainer, train
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +64,18 @@ def test_on_a_cpu_without_amx_bf16_true_trains_in_fp32_bit_for_bit(world, monkey
     trainer, asked = first_step(world, monkeypatch, "no-amx", hardware=None, bf16=True)
     assert not trainer.bf16 and trainer.vlm.model.dtype == torch.float32
     assert (asked["loss"], asked["grad_norm"]) == (fp32["loss"], fp32["grad_norm"])
+
+
+def test_a_bf16_run_killed_mid_way_and_resumed_ends_bit_identical(world, monkeypatch):
+    """bf16 is the default on an AMX CPU, so exact resume must hold there too."""
+    monkeypatch.setattr(trainer_module, "bf16_matmul_hardware", lambda device: "AMX")
+    whole = tiny_config(world, vlm=str(world / "vlm"), out_dir=str(world / "bf16-whole"), bf16=True)
+    train(whole)
+    killed = whole.replace(out_dir=str(world / "bf16-killed"))
+    resumed = killed_after_step_3_then_resumed(monkeypatch, killed, None)
+    assert resumed.resumed_from.endswith("step-00000002") and resumed.step == 6
+    a, b = (load_file(f"{c.out_dir}/checkpoints/step-00000006/hypernet/model.safetensors") for c in (whole, killed))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), "weights differ after resume"
 
 
 def backward_nodes(tensor: torch.Tensor) -> set[str]:
