@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from v2l_fast.testing import assert_rel_close
 from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
 from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer, tiny_vlm
-from v2l_fast.vlm.features import image_tokens, video_rows_hidden
+from v2l_fast.vlm.features import image_tokens, inner_model, video_rows_embeds, video_rows_hidden
 
 
 @needs_fixtures
@@ -86,6 +86,12 @@ def test_rows_sharing_their_videos_tokens_equal_the_model_run_on_each_row_with_i
                                    pixel_attention_mask=batch.pixel_attention_mask[row_video]).last_hidden_state
     real = mask.bool()
     assert_rel_close(hidden[real], expected[real], tol=1e-5)
+    # the embeddings generate gets (a list of video ids works too): the video's tokens at its
+    # <image> positions, the text's own embeddings elsewhere
+    embeds = video_rows_embeds(vlm.model, ids, tokens, row_video.tolist())
+    slots = ids == vlm.model.config.image_token_id
+    assert torch.equal(embeds[slots], torch.cat([tokens[v] for v in row_video.tolist()]))
+    assert torch.equal(embeds[~slots], inner_model(vlm.model).get_input_embeddings()(ids)[~slots])
     # the videos' tokens swapped: the row of the one-frame video gets the two-frame video's tokens
     with pytest.raises(ValueError, match=rf"^input_ids: expected {2 * per_frame} <image> tokens \(those of the "
                                          rf"rows' videos\), got {per_frame}$"):
