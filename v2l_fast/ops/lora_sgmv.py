@@ -82,8 +82,9 @@ def _reference(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, seg_indptr: to
 def _torch(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m):
     """Batched GEMMs over runs of one adapter (training batches), else the reference's loop.
 
-    Outside autocast, like every backend: the contract is fp32 accumulation (ATen's matmuls would
-    otherwise run in the autocast dtype; the LoRA's rank-R GEMMs are a small share of a step)."""
+    Outside autocast: the contract is fp32 accumulation, and ATen's matmuls would otherwise run in
+    the autocast dtype (the triton and cuda kernels are untouched by autocast; the LoRA's rank-R
+    GEMMs are a small share of a step)."""
     with torch.autocast(x.device.type, enabled=False):
         return torch_lora_sgmv(x, A, B, seg_indptr, seg_adapter, ranks, scaling, base, work, block_m,
                                fallback=_reference)
