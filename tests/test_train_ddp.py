@@ -5,12 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 
+import psutil
 import pytest
 from safetensors.torch import load_file
-from train_world import read_metrics, save_tiny_vlm, write_train_and_val
+from train_world import read_metrics, run_v2l_fast, save_tiny_vlm, write_train_and_val
 
 from v2l_fast.testing import assert_rel_close
 
@@ -26,13 +25,6 @@ def settings(root) -> list[str]:
             "--device", "cpu", "--no-bf16"]  # fp32 tolerance: on an AMX CPU bf16 shards round apart
 
 
-def run(argv: list[str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
-    result = subprocess.run([sys.executable, *argv], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
     """The same run as two CPU processes of 1 video each, and as one process of 2 videos."""
@@ -40,9 +32,9 @@ def runs(tmp_path_factory):
     # 3 questions per clip cut into items of 2 + 1 rows: the ranks' shards hold unequal row counts
     write_train_and_val(root)
     save_tiny_vlm(root / "vlm")
-    two = run(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "v2l_fast",
+    two = run_v2l_fast(["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2", "-m", "v2l_fast",
                *settings(root), "--videos-per-device", "1", "--out-dir", str(root / "two")])
-    one = run(["-m", "v2l_fast", *settings(root), "--videos-per-device", "2", "--out-dir", str(root / "one")])
+    one = run_v2l_fast(["-m", "v2l_fast", *settings(root), "--videos-per-device", "2", "--out-dir", str(root / "one")])
     return root, two, one
 
 
@@ -71,3 +63,25 @@ def test_two_processes_follow_the_loss_curve_of_one_with_the_same_global_batch(r
     weights_one = load_file(root / "one" / "checkpoints" / "step-00000004" / "hypernet" / "model.safetensors")
     for key, value in weights_one.items():
         assert_rel_close(weights_two[key], value)
+
+
+HUNG_PARENT_AND_CHILD = """
+import subprocess, sys, time
+# a child in a session of its own, as torchrun starts its workers
+subprocess.Popen([sys.executable, "-c", "import time\\ndef stuck_worker():\\n    time.sleep(600)\\nstuck_worker()"],
+                 start_new_session=True)
+def stuck_agent():
+    time.sleep(600)
+stuck_agent()
+"""
+
+
+def test_a_hung_run_fails_with_where_each_process_was_stuck_and_leaves_none_behind():
+    before = {p.pid for p in psutil.process_iter()}
+    with pytest.raises(AssertionError, match="hung for 3 s") as failure:
+        run_v2l_fast(["-c", HUNG_PARENT_AND_CHILD], timeout=3)
+    for function in ("stuck_agent", "stuck_worker"):
+        assert f"in {function}" in str(failure.value), str(failure.value)
+    left = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before and "stuck_worker" in
+            " ".join(p.info["cmdline"] or [])]
+    assert not left, left

@@ -3,8 +3,14 @@ and a `TrainConfig` sized to run a few steps in seconds on the CPU."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import signal
+import subprocess
+import sys
+
+import psutil
 
 from v2l_fast.testing import write_test_video
 from v2l_fast.train.config import TrainConfig
@@ -88,3 +94,34 @@ def read_metrics(out_dir) -> list[dict]:
     """The records of a run's ``metrics.jsonl``."""
     with open(os.path.join(out_dir, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
+
+
+def run_v2l_fast(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python *argv`` (``-m v2l_fast …`` or ``-m torch.distributed.run … -m v2l_fast …``) outside
+    any torchrun world of the caller; fails the test with its stderr when it exits non-zero.
+
+    On a hang past ``timeout`` the process and its descendants (torchrun starts each worker in a
+    session of its own) get SIGABRT with ``PYTHONFAULTHANDLER`` set, so each prints the Python
+    stack of every thread where it was stuck, then SIGKILL: the failure shows where the run hung
+    and leaves no orphaned worker behind.
+    """
+    env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env["PYTHONFAULTHANDLER"] = "1"
+    with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          env=env) as process:
+        try:
+            stdout, stderr = process.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
+            for proc in tree:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.send_signal(signal.SIGABRT)
+            _, alive = psutil.wait_procs(tree, timeout=10)
+            for proc in alive:
+                with contextlib.suppress(psutil.NoSuchProcess):
+                    proc.kill()
+            stdout, stderr = process.communicate()
+            raise AssertionError(f"{' '.join(argv[:4])} … hung for {timeout} s; where its processes were stuck:\n"
+                                 f"{stdout[-2000:]}\n{stderr[-10000:]}") from None
+    assert process.returncode == 0, stderr[-3000:]
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)

@@ -36,9 +36,11 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import time
+import weakref
 from dataclasses import dataclass
 from functools import lru_cache
 from types import SimpleNamespace
@@ -523,8 +525,23 @@ class Trainer:
         return TrainResult(self.step, self.last_loss, self.best_val_ce, last_saved, self.resumed_from)
 
     def close(self) -> None:
-        """Leave the process group (when this run joined one)."""
+        """Leave the process group (when this run joined one).
+
+        DDP goes first, while the group is still registered. Its reducer holds a reference to the
+        group; were that the last one, the group's destructor would run from the reducer's, which
+        keeps the GIL while it joins gloo's worker threads, and a worker still freeing the tensors
+        of a finished collective waits for the GIL: a deadlock at exit (gdb: ``~Reducer`` →
+        ``~ProcessGroupGloo`` → ``thread::join`` against ``~AsyncWork`` → ``decref_pyobject`` →
+        ``take_gil``; 2 of 70 two-process CPU runs hung). Destroyed from its own binding, in
+        ``destroy_process_group``, the group releases the GIL first.
+        """
         if self.dist.world_size > 1 and dist.is_initialized():
+            ddp = weakref.ref(self.ddp)
+            self.ddp = self.train_adapters = None
+            gc.collect()  # DDP's hooks make reference cycles
+            if ddp() is not None:
+                raise RuntimeError("trainer: expected DDP freed before the process group is destroyed (its reducer "
+                                   "would destroy the group holding the GIL), got a live reference")
             dist.destroy_process_group()
 
 
