@@ -158,6 +158,25 @@ def test_seeded_sampling_repeats_whatever_shares_the_batch(models):
     assert any(c.token_ids != alone.token_ids for c in other_seed)  # unseeded draws differ
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("vocab", [49280, 4099, 300])  # SmolVLM2's (blocks of 448); a prime; a tiny one
+def test_greedy_tokens_are_argmax_ties_nans_and_all(vocab, dtype):
+    from v2l_fast.serve.sampling import greedy_tokens
+
+    logits = torch.randn(8, vocab, generator=torch.Generator().manual_seed(vocab)).to(dtype)
+    top = logits.max() + 1
+    logits[1, [7, vocab - 5]] = top  # a tie across blocks: the first wins
+    logits[2, [vocab - 3, vocab - 2]] = top  # a tie inside the last block
+    logits[3, vocab - 1] = top  # the last column
+    logits[4, [40, 9]] = float("nan")  # NaN is argmax's maximum: its first one
+    logits[5] = float("-inf")
+    logits[6, [0, vocab // 2]] = float("inf")
+    want = logits.argmax(dim=-1)
+    assert want[1] == 7 and want[4] == 9 and want[5] == 0  # the rules the blocks must keep
+    torch.testing.assert_close(greedy_tokens(logits), want, rtol=0, atol=0)
+    torch.testing.assert_close(greedy_tokens(logits.t().contiguous().t()), want, rtol=0, atol=0)  # strided rows
+
+
 def test_top_p_keeps_only_the_nucleus():
     from v2l_fast.serve.sampling import choose_tokens
 

@@ -167,7 +167,7 @@ class PackedDecoder:
     @torch.no_grad()
     def forward(self, batch: PackedBatch, A: list[torch.Tensor], B: list[torch.Tensor], ranks: torch.Tensor,
                 scaling: float) -> torch.Tensor:
-        """Logits ``[S, vocab]`` (fp32) at the last token of each sequence of ``batch``.
+        """Logits ``[S, vocab]`` (the model's dtype) at the last token of each sequence of ``batch``.
 
         ``A[l] [n, R, I]`` / ``B[l] [n, R, H]`` are layer l's pool factors, ``ranks [n]`` their
         effective ranks; the KV cache receives every token's keys and values.
@@ -190,7 +190,7 @@ class PackedDecoder:
                                   work, block_m)
             x = x + out
         last = batch.seg_indptr[1:] - 1
-        return self.lm_head(self.norm(x.index_select(0, last))).float()
+        return self.lm_head(self.norm(x.index_select(0, last)))
 
     def _attention(self, layer, index: int, h: torch.Tensor, cos, sin, batch: PackedBatch) -> torch.Tensor:
         attn, d = layer.self_attn, self.head_dim
