@@ -9,6 +9,8 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
+import time
 
 import psutil
 
@@ -96,32 +98,55 @@ def read_metrics(out_dir) -> list[dict]:
         return [json.loads(line) for line in f]
 
 
-def run_v2l_fast(argv: list[str], timeout: float = 300) -> subprocess.CompletedProcess:
-    """``python *argv`` (``-m v2l_fast …`` or ``-m torch.distributed.run … -m v2l_fast …``) outside
-    any torchrun world of the caller; fails the test with its stderr when it exits non-zero.
+def run_v2l_fast(*argvs: list[str], timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """``python *argv`` for each of ``argvs`` (``-m v2l_fast …``, ``-m torch.distributed.run … -m
+    v2l_fast …``), all at once (the nodes of one multi-node run), outside any torchrun world of the
+    caller; fails the test with a command's stderr when it exits non-zero.
 
-    On a hang past ``timeout`` the process and its descendants (torchrun starts each worker in a
+    On a hang past ``timeout`` every process and its descendants (torchrun starts each worker in a
     session of its own) get SIGABRT with ``PYTHONFAULTHANDLER`` set, so each prints the Python
     stack of every thread where it was stuck, then SIGKILL: the failure shows where the run hung
     and leaves no orphaned worker behind.
     """
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
     env["PYTHONFAULTHANDLER"] = "1"
-    with subprocess.Popen([sys.executable, *argv], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                          env=env) as process:
+    hung = False
+    with contextlib.ExitStack() as stack:
+        files = [[stack.enter_context(tempfile.TemporaryFile("w+")) for _ in range(2)] for _ in argvs]
+        processes = [subprocess.Popen([sys.executable, *argv], stdout=out, stderr=err, text=True, env=env)
+                     for argv, (out, err) in zip(argvs, files)]
+        deadline = time.monotonic() + timeout
         try:
-            stdout, stderr = process.communicate(timeout=timeout)
+            for process in processes:
+                process.wait(timeout=max(deadline - time.monotonic(), 0))
         except subprocess.TimeoutExpired:
-            tree = [psutil.Process(process.pid), *psutil.Process(process.pid).children(recursive=True)]
-            for proc in tree:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.send_signal(signal.SIGABRT)
-            _, alive = psutil.wait_procs(tree, timeout=10)
-            for proc in alive:
-                with contextlib.suppress(psutil.NoSuchProcess):
-                    proc.kill()
-            stdout, stderr = process.communicate()
-            raise AssertionError(f"{' '.join(argv[:4])} … hung for {timeout} s; where its processes were stuck:\n"
-                                 f"{stdout[-2000:]}\n{stderr[-10000:]}") from None
-    assert process.returncode == 0, stderr[-3000:]
-    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+            hung = True
+            _abort_with_stacks(processes)
+        done = []
+        for argv, process, (out, err) in zip(argvs, processes, files):
+            out.seek(0), err.seek(0)
+            done.append(subprocess.CompletedProcess(argv, process.returncode, out.read(), err.read()))
+    if hung:
+        raise AssertionError(f"hung for {timeout} s; where its processes were stuck:\n" + "\n".join(
+            f"$ {' '.join(d.args[:4])} …\n{d.stdout[-2000:]}\n{d.stderr[-10000:]}" for d in done))
+    for d in done:
+        assert d.returncode == 0, d.stderr[-3000:]
+    return done
+
+
+def _abort_with_stacks(processes: list[subprocess.Popen]) -> None:
+    """SIGABRT (stacks printed under ``PYTHONFAULTHANDLER``) to every process of the trees, then SIGKILL."""
+    tree = []
+    for process in processes:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            parent = psutil.Process(process.pid)
+            tree += [parent, *parent.children(recursive=True)]
+    for proc in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.send_signal(signal.SIGABRT)
+    _, alive = psutil.wait_procs(tree, timeout=10)
+    for proc in alive:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            proc.kill()
+    for process in processes:
+        process.wait()

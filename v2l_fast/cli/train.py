@@ -74,7 +74,9 @@ def add_parser(commands) -> None:
         "plus an optional KL to the VLM that sees the video (--kl-weight) "
         "(one adapter per video shared by its questions; only the hypernetwork learns). Settings: spec §7's "
         "defaults, then --config, then flags. Distributed: torchrun --nproc-per-node N -m v2l_fast train … "
-        "(gloo on CPU, nccl on CUDA; the global batch is videos-per-device × processes × grad-accum). "
+        "(gloo on CPU, nccl on CUDA; the global batch is videos-per-device × processes × grad-accum); on "
+        "several nodes, the same command on each with torchrun's --nnodes M --rdzv-backend c10d --rdzv-endpoint "
+        "HOST:PORT, --out-dir on a shared file system. "
         "A run whose --out-dir holds a checkpoint resumes from the latest one exactly.")
     train.add_argument("--config", metavar="FILE", help="JSON (or .toml) file of settings (the names below with "
                        "underscores); flags override it")
