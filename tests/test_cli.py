@@ -199,6 +199,24 @@ def test_ask_answers_as_the_api_with_the_chosen_adapters(saved, adapters_file, c
     assert f"[adapter 0] Q: {QUESTIONS[0]}\nA: {expected[0]}\n" in out
 
 
+@pytest.mark.parametrize("hardware, loaded", [("AMX", "bf16"), ("CUDA", "bf16"), (None, "fp32")])
+def test_dtype_auto_is_bf16_where_the_device_multiplies_it_in_hardware(saved, adapters_file, capsys, monkeypatch,
+                                                                       hardware, loaded):
+    from v2l_fast.cli import common
+
+    asked = []
+    monkeypatch.setattr(common, "bf16_matmul_hardware", lambda device: asked.append(device) or hardware)
+    code, out, err = run(capsys, "ask", adapters_file, QUESTIONS[0], "--vlm", saved["vlm"], "--adapter", "0",
+                         "--max-new-tokens", "2", "--device", "cpu")  # --dtype auto, the default
+    assert code == 0, err
+    assert f"loaded {saved['vlm']} ({loaded}, cpu)" in out and asked == [torch.device("cpu")]
+    code, out, err = run(capsys, "ask", adapters_file, QUESTIONS[0], "--vlm", saved["vlm"], "--adapter", "0",
+                         "--max-new-tokens", "2", "--dtype", "fp32")
+    assert code == 0 and f"loaded {saved['vlm']} (fp32, cpu)" in out, err  # an explicit dtype is kept
+    assert "auto = bf16 where the device multiplies bf16 in hardware" in " ".join(
+        run(capsys, "ask", "--help")[1].split())
+
+
 def test_demo_runs_given_weights_on_your_clip_and_answers_as_the_api(saved, capsys):
     """--vlm/--hypernet (here tiny random ones saved to disk; real SmolVLM2 weights go the same way)."""
     import v2l_fast

@@ -28,7 +28,7 @@ from collections.abc import Sequence
 import v2l_fast
 from v2l_fast import heap
 from v2l_fast.cli import ask, demo, evaluate, export_peft, info, internalize, replicate, serve, teacher, train, world
-from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, backend_scope, pick_device
+from v2l_fast.cli.common import EXIT_BAD_INPUT, PROG, Parser, auto_dtype, backend_scope, pick_device
 
 __all__ = ["build_parser", "main"]
 
@@ -54,6 +54,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     heap.retain_freed_memory()
     try:
         device = pick_device(getattr(args, "device", None))
+        if getattr(args, "dtype", None) == "auto":
+            args.dtype = auto_dtype(device)
         with backend_scope(getattr(args, "backend", None), device):
             return args.run(args, device)
     except BrokenPipeError:  # the reader went away (`v2l-fast info | head`): nothing more to say

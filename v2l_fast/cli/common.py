@@ -16,12 +16,15 @@ import torch
 
 from v2l_fast.errors import fail
 from v2l_fast.ops.registry import BACKENDS, ENV_VAR, resolve, runtime_missing, use_backend
+from v2l_fast.precision import bf16_matmul_hardware
 
 PROG = "v2l-fast"
 EXIT_BAD_INPUT = 2
 # The ops the stack calls (hypernetwork: Perceiver, SwiGLU, composition; answers: LoRA).
 STACK_OPS = ("perceiver_attention", "swiglu_mlp", "compose_adapters", "lora_sgmv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
+AUTO_DTYPE_HELP = ("VLM weight dtype (default: auto = bf16 where the device multiplies bf16 in hardware — CUDA, a "
+                   "CPU with AMX: see v2l-fast info — else fp32, as bf16 emulated is slower than fp32)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,10 +80,15 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, dtype: bool = True) 
     """``--device``, ``--backend`` and (with ``dtype``) ``--dtype``."""
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     if dtype:
-        parser.add_argument("--dtype", choices=sorted(DTYPES), default="bf16",
-                            help="VLM weight dtype (default: bf16, as the official pipeline)")
+        parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto", help=AUTO_DTYPE_HELP)
     parser.add_argument("--backend", choices=("auto", *BACKENDS),
                         help=f"kernel backend for every op that has it (default: ${ENV_VAR}, else auto)")
+
+
+def auto_dtype(device: torch.device) -> str:
+    """``--dtype auto`` on ``device``: "bf16" where it multiplies bf16 in hardware
+    (`v2l_fast.precision.bf16_matmul_hardware`: CUDA, a CPU with AMX), else "fp32"."""
+    return "bf16" if bf16_matmul_hardware(device) is not None else "fp32"
 
 
 def pick_device(name: str | None) -> torch.device:
