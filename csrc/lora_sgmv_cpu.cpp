@@ -1,4 +1,5 @@
-// CPU SGMV: tokens grouped by adapter; large groups as two GEMMs, small ones (decode) as
+// CPU SGMV: tokens grouped by adapter; large groups as two GEMMs (on views of x and y when the
+// group is one run of consecutive tokens, else on its gathered rows), small ones (decode) as
 // per-token dot/axpy loops spread over threads, where per-call GEMM overhead would dominate.
 #include <ATen/Parallel.h>
 
@@ -22,6 +23,13 @@ float dot(const float* a, const float* b, int64_t len) {
   for (; i < len; ++i) total += a[i] * b[i];
   for (float v : acc) total += v;
   return total;
+}
+
+bool is_one_run(const std::vector<int64_t>& rows) {
+  // Consecutive token indices, each one more than the last.
+  for (size_t i = 1; i < rows.size(); ++i)
+    if (rows[i] != rows[i - 1] + 1) return false;
+  return true;
 }
 
 at::Tensor as_float_rows(const at::Tensor& t) {
@@ -70,9 +78,17 @@ at::Tensor lora_sgmv_cpu(const at::Tensor& x, const at::Tensor& A, const at::Ten
       for (int64_t t : tokens[a]) small.emplace_back(t, a);
       continue;
     }
-    const at::Tensor idx = at::tensor(tokens[a], x.options().dtype(at::kLong));
-    const at::Tensor shrunk = xf.index_select(0, idx).mm(Af[a].narrow(0, 0, rank[a]).t());
-    y.index_add_(0, idx, shrunk.mm(Bf[a].narrow(0, 0, rank[a])), scaling);
+    const at::Tensor A_a = Af[a].narrow(0, 0, rank[a]), B_a = Bf[a].narrow(0, 0, rank[a]);
+    const std::vector<int64_t>& rows = tokens[a];
+    if (is_one_run(rows)) {
+      // One run of consecutive tokens (a prefill's prompt, a video's decode rows side by side):
+      // views of x and y, no gather of the rows and no scatter of their update.
+      const int64_t first = rows.front(), count = static_cast<int64_t>(rows.size());
+      y.narrow(0, first, count).addmm_(xf.narrow(0, first, count).mm(A_a.t()), B_a, 1.0, scaling);
+      continue;
+    }
+    const at::Tensor idx = at::tensor(rows, x.options().dtype(at::kLong));
+    y.index_add_(0, idx, xf.index_select(0, idx).mm(A_a.t()).mm(B_a), scaling);
   }
 
   const float* xp = xf.data_ptr<float>();

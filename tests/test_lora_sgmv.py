@@ -95,6 +95,21 @@ def test_cpp_matches_reference(name, dtype):
     run_case(name, "cpp", dtype)
 
 
+@pytest.mark.skipif(CPP_MISSING is not None, reason=f"cpp backend: {CPP_MISSING}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("layout", ["prompts_of_one_video_side_by_side", "one_video_on_both_sides_of_another"])
+def test_cpp_gemm_groups_as_one_run_or_gathered(layout, dtype):
+    """Groups of ≥ 8 tokens take GEMMs: on views when the group's tokens are one run (two adjacent
+    segments of adapter 0), on gathered rows when they are not (adapter 0's segments around adapter
+    1's: a view from its first to its last token would take adapter 1's rows too)."""
+    seg_adapter = torch.tensor([0, 0, 1] if layout == "prompts_of_one_video_side_by_side" else [0, 1, 0])
+    gen = torch.Generator().manual_seed(11)
+    args = dict(x=torch.randn(48, 96, generator=gen).to(dtype), A=(torch.randn(2, 8, 96, generator=gen) / 10).to(dtype),
+                B=torch.randn(2, 8, 40, generator=gen).to(dtype), seg_indptr=torch.tensor([0, 16, 32, 48]),
+                seg_adapter=seg_adapter, ranks=None, scaling=0.75, base=torch.randn(48, 40, generator=gen).to(dtype))
+    assert_rel_close(ops.lora_sgmv(**args, backend="cpp").float(), reference_fp64(args).float(), dtype)
+
+
 def test_triton_fp16_weights_use_the_native_dot(poisoned):
     T, I, O, R, n, S, extra = CASES["odd_rank48_mixed"]
     args = make_case(T, I, O, R, n, S, dtype=torch.float16, w_dtype=torch.float16, **extra)
