@@ -85,10 +85,11 @@ def argmax_in_blocks(logits: torch.Tensor, block: int) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _argmax_block(vocab: int) -> int | None:
-    """The largest divisor of ``vocab`` in [64, 512], or None (none, or ``vocab`` < 4096: a plain
-    argmax is as fast there). SmolVLM2's 49 280 gives 448, the fastest of its divisors measured
-    (`bench/bench_sampling.py`, 512 rows, 2-core CPU: 5.7 ms fp32 / 6.3 ms bf16 against argmax's
-    29 / 44 ms; 64-column blocks 6.9 / 9.9 ms, each block's own argmax then dominating)."""
+    """The largest divisor of ``vocab`` in [64, 512], or None (no divisor there; or ``vocab`` < 4096,
+    too few columns for the blocks' extra passes to pay: unmeasured). SmolVLM2's 49 280 gives 448,
+    the fastest of its divisors measured (`bench/bench_sampling.py`, 512 rows, 2-core CPU: 5.7 ms
+    fp32 / 6.3 ms bf16 against argmax's 29 / 44 ms; 64-column blocks 6.9 / 9.9 ms, each block's
+    own argmax then dominating)."""
     if vocab < 4096:
         return None
     return next((b for b in range(512, 63, -1) if vocab % b == 0), None)
@@ -98,10 +99,10 @@ def choose_tokens(logits: torch.Tensor, params: list[SamplingParams], generators
     """The next token of each row of ``logits [S, vocab]`` (the model's dtype) under its request's params.
 
     Greedy rows are one `greedy_tokens` over the batch, on the logits as the model wrote them: an
-    argmax needs no fp32 copy (a bf16 → fp32 cast is exact and keeps the order, ties included), and
-    on the CPU that copy of 512 rows × 49 280 took as long as the argmax. Sampling rows draw from
-    their own row in fp32 with their own generator. Returns host ints (the one device→host copy of
-    the step).
+    argmax needs no fp32 copy (a bf16 → fp32 cast is exact and keeps the order, ties included);
+    512 bf16 rows × 49 280 on the 2-core CPU: 6 ms, against 37 ms for ``.float()`` then ``argmax``
+    (`bench/bench_sampling.py`). Sampling rows draw from their own row in fp32 with their own
+    generator. Returns host ints (the one device→host copy of the step).
     """
     greedy = greedy_tokens(logits)
     sampled = [i for i, p in enumerate(params) if p.temperature > 0]
