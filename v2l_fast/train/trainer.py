@@ -538,7 +538,7 @@ class Trainer:
         if self.dist.world_size > 1 and dist.is_initialized():
             ddp = weakref.ref(self.ddp)
             self.ddp = self.train_adapters = None
-            gc.collect()  # DDP's hooks make reference cycles
+            gc.collect()  # in case a reference cycle (hooks, closures) still holds it
             if ddp() is not None:
                 raise RuntimeError("trainer: expected DDP freed before the process group is destroyed (its reducer "
                                    "would destroy the group holding the GIL), got a live reference")
