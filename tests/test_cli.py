@@ -148,10 +148,10 @@ def test_info_lists_versions_build_and_backends(capsys):
 
 
 @pytest.mark.parametrize("amx,line", [
-    (True, "bf16 on cpu   AMX: training autocasts to bf16\n"),
-    (False, "bf16 on cpu   training stays fp32: this CPU has no AMX tiles"),
+    (True, "bf16 on cpu   AMX: training autocasts to bf16, --dtype auto loads bf16\n"),
+    (False, "bf16 on cpu   training and --dtype auto stay fp32: this CPU has no AMX tiles"),
 ])
-def test_info_says_whether_training_autocasts_to_bf16_on_this_cpu(capsys, monkeypatch, amx, line):
+def test_info_says_whether_training_and_dtype_auto_use_bf16_on_this_cpu(capsys, monkeypatch, amx, line):
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     code, out, _ = run(capsys, "info")
     assert code == 0 and line in out

@@ -48,8 +48,8 @@ def run_info(args, device: torch.device) -> int:
     print(f"  {'CPU heap':<13} {heap_policy()}")
     for device in ("cpu", "cuda") if torch.cuda.is_available() else ("cpu",):
         hardware = bf16_matmul_hardware(device)
-        training = (f"{hardware}: training autocasts to bf16" if hardware
-                    else f"training stays fp32: {bf16_unavailable_reason(device)}")
+        training = (f"{hardware}: training autocasts to bf16, --dtype auto loads bf16" if hardware
+                    else f"training and --dtype auto stay fp32: {bf16_unavailable_reason(device)}")
         print(f"  {'bf16 on ' + device:<13} {training}")
     print("build_info")
     for key, value in v2l_fast.build_info().items():
