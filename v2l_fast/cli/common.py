@@ -23,8 +23,6 @@ EXIT_BAD_INPUT = 2
 # The ops the stack calls (hypernetwork: Perceiver, SwiGLU, composition; answers: LoRA).
 STACK_OPS = ("perceiver_attention", "swiglu_mlp", "compose_adapters", "lora_sgmv")
 DTYPES = {"bf16": torch.bfloat16, "fp32": torch.float32}
-AUTO_DTYPE_HELP = ("VLM weight dtype (default: auto = bf16 where the device multiplies bf16 in hardware — CUDA, a "
-                   "CPU with AMX: see v2l-fast info — else fp32, as bf16 emulated is slower than fp32)")
 
 
 class Parser(argparse.ArgumentParser):
@@ -80,9 +78,16 @@ def add_runtime_options(parser: argparse.ArgumentParser, *, dtype: bool = True) 
     """``--device``, ``--backend`` and (with ``dtype``) ``--dtype``."""
     parser.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
     if dtype:
-        parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto", help=AUTO_DTYPE_HELP)
+        add_dtype_option(parser)
     parser.add_argument("--backend", choices=("auto", *BACKENDS),
                         help=f"kernel backend for every op that has it (default: ${ENV_VAR}, else auto)")
+
+
+def add_dtype_option(parser: argparse.ArgumentParser) -> None:
+    """``--dtype auto|bf16|fp32`` of the VLM's weights (``auto``: `auto_dtype`, resolved by `main`)."""
+    parser.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto",
+                        help="VLM weight dtype (default: auto = bf16 where the device multiplies bf16 in hardware — "
+                        "CUDA, a CPU with AMX: see v2l-fast info — else fp32, as bf16 emulated is slower than fp32)")
 
 
 def auto_dtype(device: torch.device) -> str:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 
-from v2l_fast.cli.common import AUTO_DTYPE_HELP, DTYPES, Stages, positive_int
+from v2l_fast.cli.common import DTYPES, Stages, add_dtype_option, positive_int
 
 
 def add_parser(commands) -> None:
@@ -25,7 +25,7 @@ def add_parser(commands) -> None:
                          help="leave out bad rows and unreadable videos (listed) instead of stopping")
     teacher.add_argument("--overwrite", action="store_true", help="replace an existing OUT")
     teacher.add_argument("--device", help="torch device (default: cuda when available, else cpu)")
-    teacher.add_argument("--dtype", choices=("auto", *sorted(DTYPES)), default="auto", help=AUTO_DTYPE_HELP)
+    add_dtype_option(teacher)
     teacher.set_defaults(run=run_teacher)
 
 
