@@ -12,8 +12,8 @@ training stays in fp32:
 
 A CPU with ``avx512_bf16`` but no AMX (Cooper Lake, Zen 4) multiplies bf16 with vector
 instructions: whether that beats fp32 there is unmeasured, so it stays fp32. Inference
-(`internalize`, `ask`, the engine) keeps the model's own dtype on every device: this module
-decides the training loops' autocast only.
+(`internalize`, `ask`, the engine) runs in the dtype the model was loaded in; the command line's
+``--dtype auto`` (`v2l_fast.cli.common.auto_dtype`) asks this module which that is.
 
 `training_autocast` is the context of a training forward: bf16 autocast, and on the CPU the
 decoder's attention through PyTorch's math SDPA kernel, whose bf16 backward there is 3.6× faster
