@@ -7,7 +7,8 @@ softmax attention in D-space over the normalised context rows ``y_t``, all nh·Q
 one tile) is in kernels/perceiver_attention_torch.py, whose `absorbed_attention` is also this
 backend's outer half; the kernels here replace its context part.
 
-The kernel reads each context tile once, normalises it in registers and never writes K or V.
+The kernel reads each context tile once, normalises it in registers (unless the caller passes
+the normalised rows, ``NORMALIZED``) and never writes K or V.
 The Q latent keys are scored in PyTorch and merged with the kernel's result by log-sum-exp
 exactly like one more key split. Keeping them (and the weights) out of the kernel keeps the
 kernel weight-free: gradients of the latents and of every weight flow through PyTorch autograd
@@ -39,15 +40,21 @@ from v2l_fast.kernels.perceiver_attention_torch import absorbed_attention
 
 
 @triton.jit
-def _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D, stride_cn, stride_cs, stride_cd, eps):
-    """Context rows ``offs_t`` of batch row ``row``: x (fp32), y = cast(x·rstd) (fp32), rstd."""
+def _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D, stride_cn, stride_cs, stride_cd, eps,
+                         NORMALIZED: tl.constexpr):
+    """Context rows ``offs_t`` of batch row ``row``: x (fp32), y = cast(x·rstd) (fp32), rstd
+    (with ``NORMALIZED`` the rows are y already: y = x, rstd = 1)."""
     inside = (offs_t[:, None] < S) & (offs_d[None, :] < D)
     ptrs = ctx_ptr + row * stride_cn + offs_t[:, None] * stride_cs + offs_d[None, :] * stride_cd
     x_raw = tl.load(ptrs, mask=inside, other=0.0)
     x = x_raw.to(tl.float32)
-    rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
-    # Round the normalised value to the input dtype like the official RMSNorm.
-    y = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
+    if NORMALIZED:
+        rstd = tl.full([offs_t.shape[0]], 1.0, tl.float32)
+        y = x
+    else:
+        rstd = tl.rsqrt(tl.sum(x * x, 1) / D + eps)
+        # Round the normalised value to the input dtype like the official RMSNorm.
+        y = (x * rstd[:, None]).to(x_raw.dtype).to(tl.float32)
     return x, y, rstd
 
 
@@ -65,7 +72,7 @@ def _context_attention_fwd_kernel(
     queries_ptr, ctx_ptr, keep_ptr, acc_ptr, max_ptr, sum_ptr,
     S, R, D, M, tiles_per_split, eps,
     stride_cn, stride_cs, stride_cd, stride_km,
-    HAS_MASK: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
+    HAS_MASK: tl.constexpr, NORMALIZED: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, PRECISION: tl.constexpr,
 ):
     r_block = tl.program_id(0)
@@ -85,7 +92,7 @@ def _context_attention_fwd_kernel(
     for i in range(tiles_per_split):
         offs_t = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
         _, y, _ = _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D,
-                                       stride_cn, stride_cs, stride_cd, eps)
+                                       stride_cn, stride_cs, stride_cd, eps, NORMALIZED)
         kept = _kept_tokens(keep_ptr, row, offs_t, S, M, stride_km, HAS_MASK)
         y = y.to(DOT_DTYPE)
         scores = tl.dot(queries, tl.trans(y), input_precision=PRECISION)
@@ -108,7 +115,7 @@ def _context_attention_bwd_kernel(
     queries_ptr, dout_ptr, lse_ptr, delta_ptr, ctx_ptr, keep_ptr, dqueries_ptr, dctx_ptr,
     S, R, D, M, tiles_per_split, eps,
     stride_cn, stride_cs, stride_cd, stride_km,
-    HAS_MASK: tl.constexpr, CONTEXT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
+    HAS_MASK: tl.constexpr, NORMALIZED: tl.constexpr, CONTEXT_GRAD: tl.constexpr, BLOCK_R: tl.constexpr,
     BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,
 ):
@@ -131,7 +138,7 @@ def _context_attention_bwd_kernel(
     for i in range(tiles_per_split):
         offs_t = start + i * BLOCK_S + tl.arange(0, BLOCK_S)
         x, y, rstd = _normed_context_tile(ctx_ptr, row, offs_t, offs_d, S, D,
-                                          stride_cn, stride_cs, stride_cd, eps)
+                                          stride_cn, stride_cs, stride_cd, eps, NORMALIZED)
         kept = _kept_tokens(keep_ptr, row, offs_t, S, M, stride_km, HAS_MASK)
         y = y.to(DOT_DTYPE)
         scores = tl.dot(queries, tl.trans(y), input_precision=PRECISION)
@@ -142,7 +149,8 @@ def _context_attention_bwd_kernel(
         if CONTEXT_GRAD:
             dy = tl.dot(tl.trans(probs.to(DOT_DTYPE)), dout, input_precision=PRECISION)
             dy += tl.dot(tl.trans(dscores.to(DOT_DTYPE)), queries, input_precision=PRECISION)
-            dx = rstd[:, None] * dy - x * (rstd * rstd * rstd * tl.sum(dy * x, 1) / D)[:, None]
+            dx = dy if NORMALIZED else (
+                rstd[:, None] * dy - x * (rstd * rstd * rstd * tl.sum(dy * x, 1) / D)[:, None])
             inside = (offs_t[:, None] < S) & (offs_d[None, :] < D)
             # Several query-row blocks add into the same tokens: accumulate in fp32.
             tl.atomic_add(dctx_ptr + (row * S + offs_t[:, None]) * D + offs_d[None, :], dx,
@@ -193,8 +201,9 @@ def _mask_args(context, keep):
     return (keep, keep.shape[0], keep.stride(0)) if keep is not None else (context, 1, 0)
 
 
-def context_attention_forward(queries, context, keep, eps, num_splits=None):
-    """Softmax attention of ``queries [N, R, D]`` (fp32) over ``y_t = cast(rms(context_t))``.
+def context_attention_forward(queries, context, keep, eps, normalized, num_splits=None):
+    """Softmax attention of ``queries [N, R, D]`` (fp32) over ``y_t = cast(rms(context_t))``
+    (``normalized``: over the context rows as they are).
 
     Returns ``(u [N, R, D], lse [N, R])`` in fp32: ``u_r = Σ_t p_rt y_t`` with ``p`` the softmax
     of ``queries_r · y_t`` over kept tokens, and ``lse_r`` its log-sum-exp (``-1e30`` for a row
@@ -213,7 +222,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     _context_attention_fwd_kernel[grid](
         queries, context, keep_ptr, acc, run_max, run_sum,
         S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
-        HAS_MASK=keep is not None, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
+        HAS_MASK=keep is not None, NORMALIZED=normalized, BLOCK_R=block_r, BLOCK_S=block_s, BLOCK_D=block_d,
         DOT_DTYPE=dot_dtype, PRECISION=precision, **options)
     # Log-sum-exp merge of the key splits (flash-decoding's second phase; [N, splits, R] sized).
     top = run_max.amax(1, keepdim=True)
@@ -224,7 +233,7 @@ def context_attention_forward(queries, context, keep, eps, num_splits=None):
     return u, lse
 
 
-def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, context_grad,
+def context_attention_backward(queries, context, keep, eps, normalized, u, lse, du, dlse, context_grad,
                                num_splits=None):
     """Gradients of `context_attention_forward` for ``queries`` and (if asked) ``context``."""
     N, R, D = queries.shape
@@ -241,7 +250,8 @@ def context_attention_backward(queries, context, keep, eps, u, lse, du, dlse, co
     _context_attention_bwd_kernel[grid](
         queries, du, lse, delta, context, keep_ptr, dqueries, dctx,
         S, R, D, M, tiles_per_split, eps, *context.stride(), stride_km,
-        HAS_MASK=keep is not None, CONTEXT_GRAD=context_grad, BLOCK_R=block_r, BLOCK_S=block_s,
+        HAS_MASK=keep is not None, NORMALIZED=normalized, CONTEXT_GRAD=context_grad, BLOCK_R=block_r,
+        BLOCK_S=block_s,
         BLOCK_D=block_d, DOT_DTYPE=dot_dtype, PRECISION=precision, **options)
     return dqueries.sum(1), (dctx.to(context.dtype) if context_grad else None)
 
@@ -250,10 +260,10 @@ class ContextAttention(torch.autograd.Function):
     """Autograd wrapper of the context half: ``(queries, context) → (u, lse)``; recomputes in backward."""
 
     @staticmethod
-    def forward(ctx, queries, context, keep, eps, num_splits):
-        u, lse = context_attention_forward(queries, context, keep, eps, num_splits)
+    def forward(ctx, queries, context, keep, eps, normalized, num_splits):
+        u, lse = context_attention_forward(queries, context, keep, eps, normalized, num_splits)
         ctx.save_for_backward(queries, context, keep, u, lse)
-        ctx.eps, ctx.num_splits = eps, num_splits
+        ctx.eps, ctx.normalized, ctx.num_splits = eps, normalized, num_splits
         return u, lse
 
     @staticmethod
@@ -262,15 +272,16 @@ class ContextAttention(torch.autograd.Function):
         du = torch.zeros_like(u) if du is None else du.float()
         dlse = torch.zeros_like(lse) if dlse is None else dlse.float()
         dqueries, dcontext = context_attention_backward(
-            queries, context, keep, ctx.eps, u, lse, du, dlse, ctx.needs_input_grad[1],
+            queries, context, keep, ctx.eps, ctx.normalized, u, lse, du, dlse, ctx.needs_input_grad[1],
             ctx.num_splits)
-        return dqueries, dcontext, None, None, None
+        return dqueries, dcontext, None, None, None, None
 
 
-def _kernel_context_part(queries, context, context_mask, eps, num_splits):
+def _kernel_context_part(queries, context, context_mask, eps, normalized, num_splits):
     """`absorbed_attention`'s context half through the kernels: ``(u, lse)``, autograd included."""
     keep = None if context_mask is None else (context_mask != 0).to(torch.uint8).contiguous()
-    return ContextAttention.apply(queries.contiguous(), context, keep, eps, num_splits)
+    queries = queries.to(torch.promote_types(queries.dtype, torch.float32)).contiguous()  # fp32 under autocast
+    return ContextAttention.apply(queries, context, keep, eps, normalized, num_splits)
 
 
 def perceiver_attention_splits(*args, num_splits: int | None):

@@ -36,7 +36,9 @@ them in the forward or the backward (measured on the training step's hypernetwor
 In fp32 and fp64 the cast in ``y_t`` is the identity, so ``a·y_t = s_t (a·x_t)`` and
 ``Σ_t p_t y_t = Σ_t (p_t s_t) x_t``: the torch context part scales the [R, S] score and
 probability columns by ``s_t`` and multiplies by the raw context, which is then read by two
-GEMMs and one norm reduction and never rewritten. Half inputs keep the rounded ``y_t``.
+GEMMs and one norm reduction and never rewritten. Half inputs keep the rounded ``y_t``. A
+context passed ``context_normalized`` is the ``y_t`` themselves (the Perceiver normalises its
+context once for all the layers that read it): then the rows go into the GEMMs as they are.
 """
 
 from __future__ import annotations
@@ -52,26 +54,31 @@ from v2l_fast.kernels._common import EMPTY_LSE, rms_norm
 
 
 def context_attention(queries: torch.Tensor, context: torch.Tensor, context_mask: torch.Tensor | None,
-                      eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+                      eps: float, normalized: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Softmax attention of ``queries [N, R, D]`` over the normalised context rows ``y_t``.
 
     ``y_t = cast(x_t · s_t)``, ``s_t = rsqrt(‖x_t‖²/D + eps)`` (the context RMSNorm without its
-    gain). Returns ``(u [N, R, D], lse [N, R])`` in the queries' dtype: ``u_r = Σ_t p_rt y_t`` with
+    gain); with ``normalized`` the context rows are the ``y_t`` already. Returns ``u [N, R, D]``
+    in the queries' dtype and ``lse [N, R]`` in the work dtype (the queries' promoted to at
+    least fp32): ``u_r = Σ_t p_rt y_t`` with
     ``p_r = softmax_t(queries_r · y_t)`` over the kept tokens (``context_mask [M, S]``, row n uses
-    mask row n mod M) and ``lse_r`` the log-sum-exp of those scores. Masked scores are
+    mask row n mod M) and ``lse_r`` the log-sum-exp of those scores. Half queries (autocast's) are
+    multiplied as they are with a half context, whose dots round them to its dtype anyway. Masked scores are
     `EMPTY_LSE` (finite): a row with no kept token gets ``lse ≈ EMPTY_LSE``, so its (finite,
     meaningless) ``u`` has weight exactly 0 in a log-sum-exp merge, and so do its gradients.
     """
     N, R, D = queries.shape
     S = context.shape[1]
-    work = queries.dtype
-    scale = torch.rsqrt(torch.linalg.vector_norm(context, dim=-1, dtype=work).square() / D + eps)
-    if context.dtype == work:
-        # y_t = s_t x_t exactly: scale the score and probability columns, not the context.
-        keys, column_scale = context, scale[:, None, :]
-    else:
-        # Half context: y_t rounded to its dtype as the official norm does; dots in that dtype.
-        keys, column_scale = (context.to(work) * scale[..., None]).to(context.dtype), None
+    work = torch.promote_types(queries.dtype, torch.float32)
+    keys, column_scale = context, None
+    if not normalized:
+        scale = torch.rsqrt(torch.linalg.vector_norm(context, dim=-1, dtype=work).square() / D + eps)
+        if context.dtype == work:
+            # y_t = s_t x_t exactly: scale the score and probability columns, not the context.
+            column_scale = scale[:, None, :]
+        else:
+            # Half context: y_t rounded to its dtype as the official norm does; dots in that dtype.
+            keys = (context.to(work) * scale[..., None]).to(context.dtype)
     scores = torch.matmul(queries.to(keys.dtype), keys.mT).to(work)
     if column_scale is not None:
         scores = scores * column_scale
@@ -83,12 +90,12 @@ def context_attention(queries: torch.Tensor, context: torch.Tensor, context_mask
     probs = torch.exp(scores - lse[..., None])
     if column_scale is not None:
         probs = probs * column_scale
-    return torch.matmul(probs.to(keys.dtype), keys).to(work), lse
+    return torch.matmul(probs.to(keys.dtype), keys).to(queries.dtype), lse
 
 
 def absorbed_attention(context_part: Callable) -> Callable:
     """A `perceiver_attention` backend with K/V absorbed (module docstring), the context half
-    computed by ``context_part(queries, context, context_mask, eps) -> (u, lse)``
+    computed by ``context_part(queries, context, context_mask, eps, normalized) -> (u, lse)``
     (`context_attention`, or the Triton kernel).
 
     The backend takes the op's kernel arguments (the reference's, positionally). Everything but
@@ -99,7 +106,7 @@ def absorbed_attention(context_part: Callable) -> Callable:
     """
 
     def attention(latents, context, context_mask, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
-                  context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
+                  context_norm_weight, num_heads, num_kv_heads, eps=1e-6, context_normalized=False):
         N, Q, D = latents.shape
         out_dtype = functools.reduce(torch.promote_types, (t.dtype for t in (
             latents, context, q_weight, k_weight, v_weight, o_weight, latents_norm_weight, context_norm_weight)))
@@ -117,8 +124,10 @@ def absorbed_attention(context_part: Callable) -> Callable:
         # Absorb W_k ⊙ w_c into the queries: row r = h·Q + i of [N, nh·Q, D], head h = g·group + j.
         # The gain and 1/√hd go on the weights and q, never on an [N, nh·Q, D] tensor.
         queries = torch.einsum("nqgjh,ghd->ngjqd", q, k_heads * context_weight).reshape(N, num_heads * Q, D)
-        # (under autocast the einsum returns bf16; the context half takes the queries in the work dtype)
-        u_ctx, lse_ctx = context_part(queries.to(work), context, context_mask, eps)
+        # Under autocast the einsum returns bf16 queries, and the context half takes them as they
+        # are (its dots round them to the context's bf16 either way) and returns u in bf16, which
+        # the values' einsum would cast to anyway: no fp32 round trip of [N, nh·Q, D] tensors.
+        u_ctx, lse_ctx = context_part(queries, context, context_mask, eps, context_normalized)
         # Values of the context: (W_v,g ⊙ w_c) applied to each head's D-space mixture.
         ctx_heads = torch.einsum("ngjqd,ghd->nqgjh", u_ctx.view(N, num_kv_heads, group, Q, D),
                                  v_heads * context_weight)

@@ -211,6 +211,36 @@ def test_projection_in_chunks_without_grad_equals_one_pass(monkeypatch):
     assert calls == [2 * 3 * 11]
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_context_normalized_once_in_place_without_grad(dtype, monkeypatch):
+    """The resampler's shared context normalisation: without autograd in place, chunk by chunk,
+    equal to one `rms_normalize` pass to the bit; with autograd out of place and differentiable;
+    adapters generated either way are identical."""
+    from v2l_fast.hypernet import perceiver
+
+    model = perturbed(Frames2LoRA(tiny_config())).to(dtype)
+    features = torch.randn(2, 3, 11, 48, dtype=dtype)
+    with torch.no_grad():
+        inference = model.generate(features)
+    training = model.generate(features)
+    assert torch.equal(inference.A, training.A.detach()) and torch.equal(inference.B, training.B.detach())
+
+    monkeypatch.setattr(perceiver, "PROJECTION_CHUNK_ROWS", 16)  # (the projection chunks too)
+    context = (torch.randn(6, 11, 48) * 3).to(dtype)  # 66 rows: four chunks and a partial one
+    expected = perceiver.rms_normalize(context, 1e-6)
+    scratch = context.clone()
+    with torch.no_grad():
+        out = perceiver.normalize_context(scratch, 1e-6)
+    assert out.data_ptr() == scratch.data_ptr() and torch.equal(out, expected)
+    wide = context.double()
+    assert_rel_close(expected.double(), wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + 1e-6),
+                     tol=1e-6 if dtype == torch.float32 else 1e-2)
+    leaf = context.clone().requires_grad_(True)
+    out = perceiver.normalize_context(leaf, 1e-6)
+    assert torch.equal(leaf.detach(), context) and torch.equal(out.detach(), expected)
+    assert out.grad_fn is not None
+
+
 def test_fresh_model_initialisation():
     torch.manual_seed(0)
     cfg = tiny_config(latent_size=64, num_latent_queries=32, intermediate_size=256, rank=8)

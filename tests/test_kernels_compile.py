@@ -117,7 +117,7 @@ def _lora_case(dtype, factor_dtype, decode):
     out.backward(torch.ones_like(out))
 
 
-def _perceiver_case(dtype, masked, context_grad, D=512):
+def _perceiver_case(dtype, masked, context_grad, D=512, normalized=False):
     """One Perceiver cross-attention (nh=16, nkv=4, hd=128, Q=8), forward + backward."""
     from v2l_fast.kernels.perceiver_attention import perceiver_attention
     N, Q, S, nh, nkv, hd = 2, 8, 50, 16, 4, 128
@@ -128,7 +128,7 @@ def _perceiver_case(dtype, masked, context_grad, D=512):
     out = perceiver_attention(  # the kernel arguments, positional as the op passes them
         _rand(N, Q, D, grad=True), _rand(N, S, D, dtype=dtype, grad=context_grad), mask,
         _rand(nh * hd, D, grad=True), _rand(nkv * hd, D, grad=True), _rand(nkv * hd, D, grad=True),
-        _rand(D, nh * hd, grad=True), _rand(D, grad=True), _rand(D, grad=True), nh, nkv)
+        _rand(D, nh * hd, grad=True), _rand(D, grad=True), _rand(D, grad=True), nh, nkv, 1e-6, normalized)
     out.sum().backward()
 
 
@@ -152,6 +152,9 @@ def _cases(matrix):
         cases.append((f"perceiver masked ctx-grad {name}",
                       lambda d=dtype: _perceiver_case(d, masked=True, context_grad=True)))
         cases.append((f"swiglu {name}", lambda d=dtype: _swiglu_case(d)))
+        if dtype == torch.bfloat16:  # the Perceiver's own calls: its context normalised once
+            cases.append((f"perceiver normalized-context ctx-grad {name}",
+                          lambda d=dtype: _perceiver_case(d, masked=True, context_grad=True, normalized=True)))
         if matrix == "full":
             if dtype != torch.float32:  # half activations with the fp32 factor pool
                 cases.append((f"lora prefill {name} x fp32 factors",

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from v2l_fast import ops
+from v2l_fast import reference as reference_module
 from v2l_fast.kernels import perceiver_attention_torch
 from v2l_fast.reference import perceiver_attention as reference
 from v2l_fast.testing import REL_TOLERANCE, assert_rel_close, rel_error
@@ -58,9 +59,10 @@ def ragged_mask(M, S, gen, device):
     return (torch.arange(S)[None, :] < lengths[:, None]).to(device=device, dtype=torch.int8)
 
 
-def call(fn, inputs, mask, nh, nkv):
+def call(fn, inputs, mask, nh, nkv, context_normalized=False):
     """A kernel-level backend function: every argument positional, as the op passes them."""
-    return fn(inputs["latents"], inputs["context"], mask, *(inputs[k] for k in WEIGHTS), nh, nkv, EPS)
+    return fn(inputs["latents"], inputs["context"], mask, *(inputs[k] for k in WEIGHTS), nh, nkv, EPS,
+              context_normalized)
 
 
 def call_reference(inputs, mask, nh, nkv):
@@ -170,10 +172,12 @@ def test_fully_masked_row_attends_to_the_latents_only(backend, device):
     assert_gradients_match(fn, inputs, mask, nh, nkv, torch.randn(N, Q, D, device=device))
 
 
+@pytest.mark.parametrize("normalized", [False, True], ids=["raw-context", "normalized-context"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-def test_context_part_lse_and_empty_rows(backend, device):
-    """The context half alone: u and lse against a softmax over normalised rows; an empty row's
-    lse is ≈ -1e30 (so a log-sum-exp merge gives it weight exactly 0)."""
+def test_context_part_lse_and_empty_rows(backend, normalized, device):
+    """The context half alone: u and lse against a softmax over normalised rows (normalised by
+    the context half, or given normalised); an empty row's lse is ≈ -1e30 (so a log-sum-exp
+    merge gives it weight exactly 0)."""
     if backend == "torch":
         context_part = perceiver_attention_torch.context_attention
     else:
@@ -184,12 +188,47 @@ def test_context_part_lse_and_empty_rows(backend, device):
     context = torch.randn(N, S, D, generator=gen).to(device)
     keep = (torch.rand(N, S, generator=gen) > 0.5).to(device=device, dtype=torch.uint8)
     keep[2] = 0
-    u, lse = context_part(queries, context, keep, EPS)
     y = context.double() * torch.rsqrt(context.double().pow(2).mean(-1, keepdim=True) + EPS)
+    u, lse = context_part(queries, y.float() if normalized else context, keep, EPS, normalized)
     scores = (queries.double() @ y.transpose(1, 2)).masked_fill(~keep.bool()[:, None], float("-inf"))
     assert_rel_close(lse[:2], torch.logsumexp(scores[:2], -1).float(), torch.float32)
     assert_rel_close(u[:2], (torch.softmax(scores[:2], -1) @ y[:2]).float(), torch.float32)
     assert bool((lse[2] < -1e29).all()) and bool(torch.isfinite(u).all())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_normalized_context(backend, dtype, device, poisoned_empty):
+    """``context_normalized``: the op applies only the context gain. Given
+    ``rms_normalize(context)`` (as the Perceiver's resampler normalises once for all its layers)
+    it gives the output on the raw context; given rows that are not unit-RMS it must not
+    normalise them either (output and gradients against the fp64 reference with the flag)."""
+    fn = implementation(backend, num_splits=3)
+    N, M, Q, S, D, nh, nkv, hd = SHAPES[1]
+    inputs = make_inputs(N, Q, S, D, nh, nkv, hd, dtype, device, 21)
+    mask = ragged_mask(M, S, torch.Generator().manual_seed(4), device)
+    normalized = {**inputs, "context": reference_module.rms_normalize(inputs["context"], EPS)}
+    assert_rel_close(call(fn, normalized, mask, nh, nkv, context_normalized=True),
+                     fp64_reference(inputs, mask, nh, nkv).to(dtype), dtype)
+
+    def flagged_reference(tensors):
+        return reference(**tensors, context_mask=mask, num_heads=nh, num_kv_heads=nkv, eps=EPS,
+                         context_normalized=True)
+
+    out = call(fn, inputs, mask, nh, nkv, context_normalized=True)  # rows of RMS ≈ 3: kept as they are
+    assert_rel_close(out, flagged_reference({k: v.double() for k, v in inputs.items()}).to(dtype), dtype)
+    if dtype != torch.float32:
+        return
+    for t in inputs.values():
+        t.requires_grad_(True)
+    grad_out = torch.randn(N, Q, D, device=device)
+    grads = torch.autograd.grad(call(fn, inputs, mask, nh, nkv, context_normalized=True),
+                                list(inputs.values()), grad_out)
+    ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
+    ref_grads = torch.autograd.grad(flagged_reference(ref_inputs), list(ref_inputs.values()), grad_out.double())
+    for name, g, r in zip(inputs, grads, ref_grads):
+        err = rel_error(g.float(), r.float())
+        assert err <= REL_TOLERANCE[torch.float32], f"d{name}: relative error {err:.2e}"
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -222,12 +261,13 @@ def test_torch_implementations_import_no_triton():
     (dict(context=torch.zeros(3, 10, 32)), "context"),
     (dict(k_weight=torch.zeros(64, 31)), "k_weight"),
     (dict(num_kv_heads=3), "num_heads"),
+    (dict(context_normalized=1), r"^context_normalized: expected a bool, got int$"),
 ])
 def test_bad_input_names_the_argument(bad, match):
     inputs = make_inputs(2, 8, 10, 32, 4, 2, 16, torch.float32, "cpu", 1)
     kw = dict(num_heads=4, num_kv_heads=2)
-    kw.update({k: v for k, v in bad.items() if k.startswith("num")})
-    inputs.update({k: v for k, v in bad.items() if not k.startswith("num")})
+    kw.update({k: v for k, v in bad.items() if not isinstance(v, torch.Tensor)})
+    inputs.update({k: v for k, v in bad.items() if isinstance(v, torch.Tensor)})
     weights = {k: inputs[k] for k in WEIGHTS}
     with pytest.raises(ValueError, match=match):
         ops.perceiver_attention(inputs["latents"], inputs["context"], None, **weights, **kw,

@@ -18,11 +18,37 @@ from v2l_fast.hypernet.config import Frames2LoRAConfig
 PROJECTION_CHUNK_ROWS = 1 << 15
 
 
-class RMSNorm(nn.Module):
-    """Idefics2 RMSNorm (§3.3): ``weight · cast(x · rsqrt(mean(x²) + eps))``, gain initialised to 1.
+def rms_normalize(x: torch.Tensor, eps: float) -> torch.Tensor:
+    """RMSNorm without its gain: ``cast(x · rsqrt(mean(x²) + eps))``.
 
     The statistics run in fp32 (fp64 stays fp64); the normalised value is cast back to the
-    input dtype before the (fp32) gain multiplies it, which promotes the result to fp32.
+    input dtype, as the official norm does before its gain.
+    """
+    wide = x.to(torch.promote_types(x.dtype, torch.float32))
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def normalize_context(context: torch.Tensor, eps: float) -> torch.Tensor:
+    """`rms_normalize` of a resampler's context, which every cross-attention layer reads.
+
+    Without a gradient through ``context`` it is normalised in place, `PROJECTION_CHUNK_ROWS`
+    rows at a time (the fp32 temporaries of a chunk, not of a whole long video's context): the
+    caller passes its own scratch tensor, the folded modality projection.
+    """
+    if torch.is_grad_enabled() and context.requires_grad:
+        return rms_normalize(context, eps)
+    rows = context.view(-1, context.shape[-1])
+    for start in range(0, rows.shape[0], PROJECTION_CHUNK_ROWS):
+        chunk = rows[start:start + PROJECTION_CHUNK_ROWS]
+        chunk.copy_(rms_normalize(chunk, eps))
+    return context
+
+
+class RMSNorm(nn.Module):
+    """Idefics2 RMSNorm (§3.3): ``weight · rms_normalize(x)``, gain initialised to 1.
+
+    The (fp32) gain multiplies the normalised value in the input dtype, which promotes the
+    result to fp32.
     """
 
     def __init__(self, width: int, eps: float) -> None:
@@ -31,8 +57,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.to(torch.promote_types(x.dtype, torch.float32))
-        return self.weight * (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + self.eps)).to(x.dtype)
+        return self.weight * rms_normalize(x, self.eps)
 
 
 class SwiGLU(nn.Module):
@@ -78,16 +103,18 @@ class PerceiverLayer(nn.Module):
         self.post_ff_layernorm = RMSNorm(D, eps)
         self.mlp = SwiGLU(D, 4 * D, D)
 
-    def forward(self, latents: torch.Tensor, context: torch.Tensor | None,
+    def forward(self, latents: torch.Tensor, normalized_context: torch.Tensor | None,
                 context_mask: torch.Tensor | None) -> torch.Tensor:
-        """``latents [N, Q, D]``, ``context [N, S, D]``, ``context_mask [B, S]`` (N = L·B) → latents."""
+        """``latents [N, Q, D]``, ``normalized_context [N, S, D]`` (the context after
+        `rms_normalize`: this layer's ``input_context_layernorm`` applies only its gain),
+        ``context_mask [B, S]`` (N = L·B) → latents. A self-attention layer ignores the context."""
         if self.cross_attention:
-            context_norm = self.input_context_layernorm.weight
+            context, context_norm, normalized = normalized_context, self.input_context_layernorm.weight, True
         else:
             # Self-attention (keys = latents only) as the same op: the latents also serve as a
             # fully masked context, normalised with the latents' own gain, so the kept keys are
             # exactly the normalised latents.
-            context, context_norm = latents, self.input_latents_layernorm.weight
+            context, context_norm, normalized = latents, self.input_latents_layernorm.weight, False
             context_mask = torch.zeros(1, latents.shape[1], dtype=torch.bool, device=latents.device)
         attn = self.self_attn
         attended = ops.perceiver_attention(
@@ -95,7 +122,7 @@ class PerceiverLayer(nn.Module):
             v_weight=attn.v_proj.weight, o_weight=attn.o_proj.weight,
             latents_norm_weight=self.input_latents_layernorm.weight,
             context_norm_weight=context_norm, num_heads=self.num_heads,
-            num_kv_heads=self.num_kv_heads, eps=self.eps, check=False)
+            num_kv_heads=self.num_kv_heads, eps=self.eps, context_normalized=normalized, check=False)
         latents = latents + self.post_attention_layernorm(attended)
         return latents + self.post_ff_layernorm(self.mlp(self.pre_ff_layernorm(latents)))
 
@@ -111,11 +138,12 @@ class PerceiverResampler(nn.Module):
             PerceiverLayer(config, cross_attention=cross) for cross in layer_kinds)
         self.layernorm = RMSNorm(config.latent_size, config.rms_norm_eps)
 
-    def forward(self, context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
-        """``context [N, S, D]`` (+ ``[B, S]`` mask, N = L·B) → ``[N, num_queries, D]``."""
-        latents = self.latents_q.expand(context.shape[0], -1, -1)
+    def forward(self, normalized_context: torch.Tensor, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """``normalized_context [N, S, D]`` (after `rms_normalize`, once for all the layers)
+        (+ ``[B, S]`` mask, N = L·B) → ``[N, num_queries, D]``."""
+        latents = self.latents_q.expand(normalized_context.shape[0], -1, -1)
         for layer in self.layers:
-            latents = layer(latents, context, context_mask)
+            latents = layer(latents, normalized_context, context_mask)
         return self.layernorm(latents)
 
 
@@ -123,12 +151,16 @@ class Perceiver(nn.Module):
     """Modality projection, encoder resampler and decoder resampler (§3.2–§3.7).
 
     Every (video, layer) slice of the stacked layer states is read independently with shared
-    weights: the layer axis is folded into the batch, layer-major (row ``l·B + b``).
+    weights: the layer axis is folded into the batch, layer-major (row ``l·B + b``). Each
+    resampler's context is RMS-normalised once (`normalize_context`) and its cross-attention
+    layers apply only their gains: the encoder's layers all read the same projected features, so
+    the normalisation is not redone (and differentiated) in each of them.
     """
 
     def __init__(self, config: Frames2LoRAConfig) -> None:
         super().__init__()
         H, D = config.hidden_size, config.latent_size
+        self.eps = config.rms_norm_eps
         self.modality_projection = SwiGLU(H, 4 * H, D)
         block = [True] + [False] * config.num_self_attn_per_block
         self.encoder = PerceiverResampler(config, config.num_latent_queries, block * config.num_blocks)
@@ -161,6 +193,6 @@ class Perceiver(nn.Module):
         # Project before folding: the fold then copies D-wide rows instead of H-wide ones.
         context = self.project(features)
         context = context.transpose(0, 1).reshape(L * B, S, context.shape[-1])
-        encoded = self.encoder(context, mask)
-        decoded = self.decoder(encoded, None)
+        encoded = self.encoder(normalize_context(context, self.eps), mask)
+        decoded = self.decoder(rms_normalize(encoded, self.eps), None)
         return decoded.view(L, B, *decoded.shape[1:]).transpose(0, 1)

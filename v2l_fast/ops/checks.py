@@ -125,6 +125,8 @@ def perceiver_attention(a: Arguments, *, values: bool = True) -> None:
     for name, w in (("latents_norm_weight", latents_norm_weight), ("context_norm_weight", context_norm_weight)):
         check_tensor(name, w, ndim=1, floating=True, device=dev, shape_hint=f"[D] = [{D}]")
         check_dim(name, w, 0, D, "D, the latent width")
+    if not isinstance(a.context_normalized, bool):
+        fail("context_normalized", "a bool", type(a.context_normalized).__name__)
     if context_mask is None:
         return
     check_tensor("context_mask", context_mask, ndim=2, device=dev, shape_hint="[M, S] with N % M == 0")

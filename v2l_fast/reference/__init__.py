@@ -8,7 +8,7 @@ public op validates them once, in `v2l_fast.ops.checks`).
 
 from v2l_fast.reference.compose_adapters import compose_adapters
 from v2l_fast.reference.lora_sgmv import lora_sgmv
-from v2l_fast.reference.perceiver_attention import perceiver_attention, rms_norm
+from v2l_fast.reference.perceiver_attention import perceiver_attention, rms_norm, rms_normalize
 from v2l_fast.reference.swiglu_mlp import swiglu_mlp
 
-__all__ = ["compose_adapters", "lora_sgmv", "perceiver_attention", "rms_norm", "swiglu_mlp"]
+__all__ = ["compose_adapters", "lora_sgmv", "perceiver_attention", "rms_norm", "rms_normalize", "swiglu_mlp"]

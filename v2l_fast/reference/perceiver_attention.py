@@ -18,11 +18,15 @@ import math
 import torch
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
-    """Idefics2 RMSNorm (spec §3.3): statistics in fp32 (fp64 stays fp64), cast back, times ``weight``."""
+def rms_normalize(x: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """RMSNorm without its gain: ``cast(x · rsqrt(mean(x²) + eps))``, statistics in fp32 (fp64 stays fp64)."""
     wide = x.to(torch.promote_types(x.dtype, torch.float32))
-    normed = wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * normed.to(x.dtype)
+    return (wide * torch.rsqrt(wide.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+    """Idefics2 RMSNorm (spec §3.3): `rms_normalize`, then times ``weight``."""
+    return weight * rms_normalize(x, eps)
 
 
 def expand_context_mask(context_mask: torch.Tensor, num_rows: int) -> torch.Tensor:
@@ -45,6 +49,7 @@ def perceiver_attention(
     num_heads: int,
     num_kv_heads: int,
     eps: float = 1e-6,
+    context_normalized: bool = False,
 ) -> torch.Tensor:
     """Cross-attention of latent queries over ``[context ; latents]`` keys, then o_proj.
 
@@ -59,6 +64,9 @@ def perceiver_attention(
         num_heads, num_kv_heads: query heads and kv heads (query head h reads kv head
             ``h // (num_heads // num_kv_heads)``).
         eps: RMSNorm epsilon.
+        context_normalized: ``context`` already holds ``rms_normalize(context, eps)`` (the
+            context RMSNorm without its gain), so only ``context_norm_weight`` is applied: the
+            layers of a resampler all read one context and normalise it once.
 
     Returns:
         ``[N, Q, D]`` attention output after o_proj, before the residual add.
@@ -67,7 +75,7 @@ def perceiver_attention(
     S = context.shape[1]
     hd = q_weight.shape[0] // num_heads
     zn = rms_norm(latents, latents_norm_weight, eps)
-    cn = rms_norm(context, context_norm_weight, eps)
+    cn = context_norm_weight * context if context_normalized else rms_norm(context, context_norm_weight, eps)
     kv_in = torch.cat([cn, zn.to(cn.dtype)], dim=1)
     q = (zn @ q_weight.T).view(N, Q, num_heads, hd).transpose(1, 2)
     k = (kv_in @ k_weight.T).view(N, S + Q, num_kv_heads, hd).transpose(1, 2)
