@@ -275,19 +275,25 @@ def test_bad_input_names_the_argument(bad, match):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("normalized", [False, True], ids=["raw-context", "normalized-context"])
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("N,M,Q,S,D,nh,nkv,hd", [(48, 2, 8, 1000, 512, 16, 4, 128),
                                                  (6, 2, 8, 77, 48, 4, 2, 16)])
-def test_bf16_forward_and_gradients_on_gpu(backend, N, M, Q, S, D, nh, nkv, hd):
+def test_bf16_forward_and_gradients_on_gpu(backend, normalized, N, M, Q, S, D, nh, nkv, hd):
+    """bf16 on a GPU against the fp64 reference, with the context normalised by the op or
+    (``context_normalized``, the Perceiver's call) given normalised."""
     fn = implementation(backend)
     device = torch.device("cuda")
     inputs = make_inputs(N, Q, S, D, nh, nkv, hd, torch.bfloat16, device, 17)
+    if normalized:
+        inputs["context"] = reference_module.rms_normalize(inputs["context"], EPS)
     mask = ragged_mask(M, S, torch.Generator().manual_seed(1), device)
     for t in inputs.values():
         t.requires_grad_(True)
-    out = call(fn, inputs, mask, nh, nkv)
+    out = call(fn, inputs, mask, nh, nkv, context_normalized=normalized)
     ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-    ref = call_reference(ref_inputs, mask, nh, nkv)
+    ref = reference(**ref_inputs, context_mask=mask, num_heads=nh, num_kv_heads=nkv, eps=EPS,
+                    context_normalized=normalized)
     assert_rel_close(out, ref.to(out.dtype), torch.bfloat16)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
