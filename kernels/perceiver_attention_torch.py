@@ -59,13 +59,13 @@ def context_attention(queries: torch.Tensor, context: torch.Tensor, context_mask
 
     ``y_t = cast(x_t · s_t)``, ``s_t = rsqrt(‖x_t‖²/D + eps)`` (the context RMSNorm without its
     gain); with ``normalized`` the context rows are the ``y_t`` already. Returns ``u [N, R, D]``
-    in the queries' dtype and ``lse [N, R]`` in the work dtype (the queries' promoted to at
-    least fp32): ``u_r = Σ_t p_rt y_t`` with
-    ``p_r = softmax_t(queries_r · y_t)`` over the kept tokens (``context_mask [M, S]``, row n uses
-    mask row n mod M) and ``lse_r`` the log-sum-exp of those scores. Half queries (autocast's) are
-    multiplied as they are with a half context, whose dots round them to its dtype anyway. Masked scores are
-    `EMPTY_LSE` (finite): a row with no kept token gets ``lse ≈ EMPTY_LSE``, so its (finite,
-    meaningless) ``u`` has weight exactly 0 in a log-sum-exp merge, and so do its gradients.
+    in the queries' dtype and ``lse [N, R]`` in the work dtype (the queries' promoted to at least
+    fp32): ``u_r = Σ_t p_rt y_t`` with ``p_r = softmax_t(queries_r · y_t)`` over the kept tokens
+    (``context_mask [M, S]``, row n uses mask row n mod M) and ``lse_r`` the log-sum-exp of those
+    scores. Half queries (autocast's) meet a half context as they are: its dots round them to its
+    dtype anyway. Masked scores are `EMPTY_LSE` (finite): a row with no kept token gets
+    ``lse ≈ EMPTY_LSE``, so its (finite, meaningless) ``u`` has weight exactly 0 in a log-sum-exp
+    merge, and so do its gradients.
     """
     N, R, D = queries.shape
     S = context.shape[1]
