@@ -47,8 +47,9 @@ def add_parser(commands) -> None:
         "replicate", help="toy replication: world, toy VLM, teacher, hypernetwork, held-out table (resumable)",
         description="Train a tiny SmolVLM2 on synthetic clips with the video in context, freeze it, make teacher "
         "targets, train the Frames2LoRA hypernetwork, and compare on held-out clips (a) the video in context, "
-        "(b) the generated adapter with zero visual tokens, (c) neither. The defaults are the measured 45-minute "
-        "recipe for 2 CPU cores. A stopped run resumes when started again with the same OUT_DIR and settings.")
+        "(b) the generated adapter with zero visual tokens, (c) neither. The defaults are the recipe sized for "
+        "45 minutes on 2 CPU cores (measured end to end: 24-25 min, README). A stopped run resumes when "
+        "started again with the same OUT_DIR and settings.")
     parser.add_argument("out_dir", metavar="OUT_DIR", help="run folder (world/, vlm/, teacher/, hypernet/, "
                         "report.json)")
     add_settings_flags(parser, ReplicateSettings, HELP)

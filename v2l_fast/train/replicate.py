@@ -41,7 +41,7 @@ MAY_BE_ZERO = ("vision_warmup_steps",)  # int settings where 0 turns a step off
 
 @dataclass(frozen=True)
 class ReplicateSettings:
-    """Every setting of a replication run (defaults: the measured 45-minute CPU recipe)."""
+    """Every setting of a replication run (defaults: the recipe sized for 45 minutes on 2 CPU cores)."""
 
     # world (v2l_fast.data.synthetic.generate_world)
     train_clips: int = 10000
