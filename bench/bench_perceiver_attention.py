@@ -7,7 +7,10 @@ projected context of one video (N = L rows), ``z ← z + attention(z, context)``
 (no grad, as at internalisation) and forward+backward (gradients for the latents, every weight
 and the context, as in training). Providers: ``reference`` (eager, K/V materialised),
 ``sdpa`` (K/V materialised, torch scaled_dot_product_attention), ``torch`` (the torch backend,
-K/V absorbed into the queries) and ``triton`` (absorbed K/V, flash-decoding kernel).
+K/V absorbed into the queries) and ``triton`` (absorbed K/V, flash-decoding kernel), each layer
+normalising the context; ``torch-norm-once`` / ``triton-norm-once``: the same backends called as
+the Perceiver calls them, the context RMS-normalised once for the 9 layers
+(``context_normalized=True``).
 
 The providers of one workload run interleaved, round by round (`harness.interleaved`): on a shared,
 noisy machine every provider then sees the same load, and the rows' ratios are side by side.
@@ -28,7 +31,7 @@ import torch.nn.functional as F
 
 from v2l_fast.kernels.perceiver_attention_torch import perceiver_attention as torch_attention
 from v2l_fast.reference import perceiver_attention as reference_attention
-from v2l_fast.reference import rms_norm
+from v2l_fast.reference import rms_norm, rms_normalize
 
 import harness
 from workloads import FRAMES, HEAD_DIM, MODELS, NUM_BLOCKS, NUM_HEADS, NUM_KV_HEADS, D, Q, block_flops, context_length
@@ -36,9 +39,10 @@ from workloads import FRAMES, HEAD_DIM, MODELS, NUM_BLOCKS, NUM_HEADS, NUM_KV_HE
 ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
+EPS = 1e-6
 
 def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
-                   latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=1e-6):
+                   latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=EPS):
     """The materialised-K/V peer: both norms, K/V of [context ; latents], fused SDPA, o_proj."""
     N, S = context.shape[:2]
     zn = rms_norm(latents, latents_norm_weight, eps).to(latents.dtype)
@@ -52,21 +56,27 @@ def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weig
     return F.linear(out.transpose(1, 2).reshape(N, Q, -1), o_weight)
 
 
+def _normalizes_once(name: str) -> bool:
+    return name.endswith(NORM_ONCE)
+
+
 def _provider(name: str):
-    """The attention of provider ``name``, called with keyword weights as the reference."""
+    """The attention of provider ``name``, called with keyword weights as the reference (the
+    context already normalised for the ``*-norm-once`` providers)."""
     if name == "reference":
         return reference_attention
     if name == "sdpa":
         return sdpa_attention
-    if name == "torch":
+    if name.startswith("torch"):
         kernel = torch_attention
     else:
         from v2l_fast.kernels.perceiver_attention import perceiver_attention as kernel
+    normalized = _normalizes_once(name)
 
     def call(latents, context, mask, *, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
              context_norm_weight, num_heads, num_kv_heads):
         return kernel(latents, context, mask, q_weight, k_weight, v_weight, o_weight, latents_norm_weight,
-                      context_norm_weight, num_heads, num_kv_heads, 1e-6)
+                      context_norm_weight, num_heads, num_kv_heads, EPS, normalized)
 
     return call
 
@@ -85,12 +95,13 @@ def _block_weights(requires_grad: bool):
             for _ in range(NUM_BLOCKS)]
 
 
-PROVIDERS = ("reference", "sdpa", "torch", "triton")
+NORM_ONCE = "-norm-once"
+PROVIDERS = ("reference", "sdpa", "torch", "torch" + NORM_ONCE, "triton", "triton" + NORM_ONCE)
 
 
 def _providers() -> list[str]:
     # The interpreter's timings mean nothing: triton runs only on a GPU.
-    return [p for p in PROVIDERS if p != "triton" or ON_GPU]
+    return [p for p in PROVIDERS if not p.startswith("triton") or ON_GPU]
 
 
 @pytest.mark.parametrize("mode", ["fwd", "fwd+bwd"])
@@ -113,9 +124,10 @@ def test_blocks(benchmark, bench_record, model, frames, mode):
         attention = functools.partial(_provider(provider), num_heads=NUM_HEADS, num_kv_heads=NUM_KV_HEADS)
 
         def forward():
+            keys = rms_normalize(context, EPS) if _normalizes_once(provider) else context
             z = latents
             for weights in blocks:
-                z = z + attention(z, context, mask, **weights)
+                z = z + attention(z, keys, mask, **weights)
             return z
 
         def step():
@@ -127,7 +139,7 @@ def test_blocks(benchmark, bench_record, model, frames, mode):
         return step
 
     def derive(provider, times):
-        flops = block_flops(L, S, absorbed=provider in ("torch", "triton")) * (3 if training else 1)
+        flops = block_flops(L, S, absorbed=provider.startswith(("torch", "triton"))) * (3 if training else 1)
         return {"flops": flops, "tflop_s": flops / statistics.median(times[provider]) / 1e12}
 
     harness.interleaved(benchmark, bench_record, {p: step_of(p) for p in _providers()}, rounds=10 if ON_GPU else 3,
