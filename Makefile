@@ -38,8 +38,8 @@ clean:
 
 # GPU runbook (see bench/NOTES.md, "GPU runbook"): on a GPU machine with torch, triton,
 # transformers and peft preinstalled and no package registry, install v2l_fast offline into that
-# python (no venv), build the CUDA extension, then run the kernel benches, `pytest -m gpu tests/`
-# and the end-to-end bench in timed stages. DRY_RUN=1 prints and checks the plan, running nothing.
+# python (no venv), build the CUDA extension, then run the issue-target benches (training step,
+# TTFT, engine throughput), `pytest -m gpu tests/` and the other benches in timed stages. DRY_RUN=1 prints and checks the plan, running nothing.
 # GPU_BUDGET=S fits the run into S seconds; RESUME=1 skips stages done in an earlier run;
 # GPU_STAGES=a,b runs only those; GPU_OUT=DIR receives the stage log and a results tarball.
 GPU_PYTHON ?= python3
