@@ -105,10 +105,12 @@ def plan(python: str, wheels: Path, run_dir: Path, cuda_archs: str, root: Path =
     ]
     kernels, e2e = bench_files(root)
     bench_needs = {**RUNTIME, **TESTING, **BENCH}
+    authors = authors_code(wheels)
+    bench_env = {"V2L_AUTHORS_CODE": authors} if authors else {}
 
     def bench(path: Path) -> Stage:
         group = "bench-e2e" if path in e2e else "bench-kernels"
-        return Stage(path.stem, group, _bench_command(py, path, root), needs=bench_needs)
+        return Stage(path.stem, group, _bench_command(py, path, root), env=bench_env, needs=bench_needs)
 
     first = sorted((p for p in kernels + e2e if p.stem in FIRST_BENCHES), key=lambda p: FIRST_BENCHES.index(p.stem))
     stages += [bench(path) for path in first]
@@ -118,6 +120,14 @@ def plan(python: str, wheels: Path, run_dir: Path, cuda_archs: str, root: Path =
                         needs={**RUNTIME, **TESTING}))
     stages += [bench(path) for path in kernels + e2e if path not in first]
     return stages
+
+
+def authors_code(wheels: Path) -> str:
+    """``$V2L_AUTHORS_CODE`` for the benches: the copies `make gpu-wheels` put in wheels/authors/
+    (absolute, os.pathsep-separated), or "" without them."""
+    folder = wheels / "authors"
+    copies = sorted(p.resolve() for p in folder.iterdir() if p.is_dir()) if folder.is_dir() else []
+    return os.pathsep.join(map(str, copies))
 
 
 def _bench_command(py: list[str], path: Path, root: Path) -> list[str]:

@@ -7,11 +7,19 @@ pytest-benchmark and the build tools; it lacks the packages in WHEELS, which lan
 (ignored by git; carry it to the device), and `make gpu` installs them with
 `pip install --no-index --no-deps`. Binary wheels are fetched for the GPU machine's platform;
 a package published only as a source archive (docopt) is built into a pure-Python wheel here.
+
+It also copies the authors' code, the benches' peer, from the folders in ``$V2L_AUTHORS_CODE``
+(bench/peers.py: their repository's ``src`` and a folder holding einops and jaxtyping) into
+wheels/authors/: the GPU machine cannot fetch it, and without it the GPU rows of bench_train and
+bench_e2e have no "authors" provider to be measured against. `make gpu` points
+``$V2L_AUTHORS_CODE`` at those copies.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -61,18 +69,40 @@ def fetch(req: str, dest: Path, python_version: str) -> Path:
     return wheels[0]
 
 
+def copy_authors_code(paths: str, dest: Path) -> list[Path]:
+    """Copy each folder of ``paths`` (os.pathsep-separated, as ``$V2L_AUTHORS_CODE``) to
+    ``dest/authors/<i>-<name>``, replacing an earlier copy; caches and compiled files left out."""
+    folders = [Path(p) for p in paths.split(os.pathsep) if p]
+    missing = [str(f) for f in folders if not f.is_dir()]
+    if missing:
+        raise SystemExit(f"V2L_AUTHORS_CODE: expected folders, got {missing} (not found)")
+    target = dest / "authors"
+    shutil.rmtree(target, ignore_errors=True)
+    copies = [target / f"{i}-{folder.name}" for i, folder in enumerate(folders)]
+    for folder, copy in zip(folders, copies):
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    return copies
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Fetch every wheel of WHEELS into --dest."""
+    """Fetch every wheel of WHEELS into --dest, and copy the authors' code there when it is given."""
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--dest", type=Path, default=ROOT / "wheels", help="wheel folder (default: wheels/)")
     p.add_argument("--python-version", default="3.12", help="the GPU machine's python (default: 3.12)")
+    p.add_argument("--authors-code", default=os.environ.get("V2L_AUTHORS_CODE", ""),
+                   help="folders of the authors' code, os.pathsep-separated (default: $V2L_AUTHORS_CODE)")
     args = p.parse_args(argv)
     args.dest.mkdir(parents=True, exist_ok=True)
     for req, why in WHEELS.items():
         print(f"{req}: {why}", flush=True)
         print(f"  -> {fetch(req, args.dest, args.python_version).name}", flush=True)
-    size = sum(w.stat().st_size for w in args.dest.glob("*.whl"))
-    print(f"{args.dest}: {size / 2**20:.1f} MiB of wheels (the device carries at most 64 MiB with the tree)")
+    if args.authors_code:
+        for copy in copy_authors_code(args.authors_code, args.dest):
+            print(f"authors' code -> {copy}", flush=True)
+    else:
+        print("authors' code: $V2L_AUTHORS_CODE unset; the GPU benches will have no authors rows", flush=True)
+    size = sum(f.stat().st_size for f in args.dest.rglob("*") if f.is_file())
+    print(f"{args.dest}: {size / 2**20:.1f} MiB (the device carries at most 64 MiB with the tree)")
     return 0
 
 

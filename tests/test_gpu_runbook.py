@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -81,6 +82,33 @@ def test_dry_run_installs_carried_wheels_offline_and_counts_them_as_present(tmp_
     prereq = runbook.prerequisites([stage], wheels, "/usr/bin:/bin")
     assert prereq["modules"]["json"] is True and prereq["missing"] == ["v2l_absent_mod"]
     assert prereq["from_wheels"] == ["v2l_absent_mod"] and prereq["tools"]["timeout"]
+
+
+def test_carried_authors_code_reaches_every_bench_stage(tmp_path):
+    """`make gpu-wheels` copies $V2L_AUTHORS_CODE's folders into wheels/authors/; the plan then sets
+    V2L_AUTHORS_CODE for each bench stage (the authors rows of bench_train / bench_e2e), and not
+    without the copies."""
+    src, deps = tmp_path / "Video2LoRA" / "src", tmp_path / "deps"
+    (src / "ctx_to_lora").mkdir(parents=True)
+    (src / "ctx_to_lora" / "__init__.py").write_text("")
+    (src / "ctx_to_lora" / "__pycache__").mkdir()
+    (deps / "einops").mkdir(parents=True)
+    wheels = tmp_path / "wheels"
+    copies = wheels_prep.copy_authors_code(f"{src}{os.pathsep}{deps}", wheels)
+    assert [c.name for c in copies] == ["0-src", "1-deps"]
+    package = copies[0] / "ctx_to_lora"
+    assert (package / "__init__.py").is_file() and not (package / "__pycache__").exists()
+
+    stages = runbook.plan("python3", wheels, tmp_path / "run", "90")
+    expected = os.pathsep.join(str(c.resolve()) for c in copies)
+    benches = [s for s in stages if s.name.startswith("bench_")]
+    assert benches and all(s.env == {"V2L_AUTHORS_CODE": expected} for s in benches)
+    assert all("V2L_AUTHORS_CODE" not in s.env for s in stages if not s.name.startswith("bench_"))
+    assert benches[0].shell(60).startswith(f"V2L_AUTHORS_CODE={expected} timeout")
+    assert all(not s.env for s in runbook.plan("python3", tmp_path / "none", tmp_path / "run", "90")
+               if s.name.startswith("bench_"))
+    with pytest.raises(SystemExit, match=r"^V2L_AUTHORS_CODE: expected folders, got \['/nowhere'\] \(not found\)$"):
+        wheels_prep.copy_authors_code("/nowhere", wheels)
 
 
 def test_real_run_records_exit_code_wall_time_and_copies_log_and_results_out(tmp_path):
