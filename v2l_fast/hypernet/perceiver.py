@@ -3,7 +3,8 @@
 Module and parameter names follow the official module tree, so a released state dict loads
 without renaming. The attention half of every layer is `v2l_fast.ops.perceiver_attention` and
 every SwiGLU is `v2l_fast.ops.swiglu_mlp`; ``$V2L_BACKEND`` therefore switches the kernels here
-too. This module only adds the residual stream, the sandwich norms and the layer folding.
+too. This module only adds the residual stream, the sandwich norms, the layer folding and the
+context's RMS normalisation, done once per resampler for all the layers that read it.
 """
 
 from __future__ import annotations
