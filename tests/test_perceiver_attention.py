@@ -65,21 +65,22 @@ def call(fn, inputs, mask, nh, nkv, context_normalized=False):
               context_normalized)
 
 
-def call_reference(inputs, mask, nh, nkv):
+def call_reference(inputs, mask, nh, nkv, context_normalized=False):
     return reference(inputs["latents"], inputs["context"], mask, **{k: inputs[k] for k in WEIGHTS},
-                     num_heads=nh, num_kv_heads=nkv, eps=EPS)
+                     num_heads=nh, num_kv_heads=nkv, eps=EPS, context_normalized=context_normalized)
 
 
-def fp64_reference(inputs, mask, nh, nkv):
-    return call_reference({k: v.detach().double() for k, v in inputs.items()}, mask, nh, nkv)
+def fp64_reference(inputs, mask, nh, nkv, context_normalized=False):
+    return call_reference({k: v.detach().double() for k, v in inputs.items()}, mask, nh, nkv, context_normalized)
 
 
-def assert_gradients_match(fn, inputs, mask, nh, nkv, grad_out):
+def assert_gradients_match(fn, inputs, mask, nh, nkv, grad_out, context_normalized=False):
     """Gradients of every input that requires grad against the fp64 reference's; none is NaN."""
     names = [k for k, t in inputs.items() if t.requires_grad]
-    grads = torch.autograd.grad(call(fn, inputs, mask, nh, nkv), [inputs[k] for k in names], grad_out)
+    grads = torch.autograd.grad(call(fn, inputs, mask, nh, nkv, context_normalized), [inputs[k] for k in names],
+                                grad_out)
     ref_inputs = {k: v.detach().double().requires_grad_(v.requires_grad) for k, v in inputs.items()}
-    ref_grads = torch.autograd.grad(call_reference(ref_inputs, mask, nh, nkv),
+    ref_grads = torch.autograd.grad(call_reference(ref_inputs, mask, nh, nkv, context_normalized),
                                     [ref_inputs[k] for k in names], grad_out.double())
     for name, g, r in zip(names, grads, ref_grads):
         err = rel_error(g.float(), r.float())
@@ -210,25 +211,15 @@ def test_normalized_context(backend, dtype, device, poisoned_empty):
     normalized = {**inputs, "context": reference_module.rms_normalize(inputs["context"], EPS)}
     assert_rel_close(call(fn, normalized, mask, nh, nkv, context_normalized=True),
                      fp64_reference(inputs, mask, nh, nkv).to(dtype), dtype)
-
-    def flagged_reference(tensors):
-        return reference(**tensors, context_mask=mask, num_heads=nh, num_kv_heads=nkv, eps=EPS,
-                         context_normalized=True)
-
     out = call(fn, inputs, mask, nh, nkv, context_normalized=True)  # rows of RMS ≈ 3: kept as they are
-    assert_rel_close(out, flagged_reference({k: v.double() for k, v in inputs.items()}).to(dtype), dtype)
+    assert_rel_close(out, fp64_reference(inputs, mask, nh, nkv, context_normalized=True).to(dtype), dtype)
     if dtype != torch.float32:
         return
     for t in inputs.values():
         t.requires_grad_(True)
-    grad_out = torch.randn(N, Q, D, device=device)
-    grads = torch.autograd.grad(call(fn, inputs, mask, nh, nkv, context_normalized=True),
-                                list(inputs.values()), grad_out)
-    ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-    ref_grads = torch.autograd.grad(flagged_reference(ref_inputs), list(ref_inputs.values()), grad_out.double())
-    for name, g, r in zip(inputs, grads, ref_grads):
-        err = rel_error(g.float(), r.float())
-        assert err <= REL_TOLERANCE[torch.float32], f"d{name}: relative error {err:.2e}"
+    names = assert_gradients_match(fn, inputs, mask, nh, nkv, torch.randn(N, Q, D, device=device),
+                                   context_normalized=True)
+    assert names == list(inputs)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -292,8 +283,7 @@ def test_bf16_forward_and_gradients_on_gpu(backend, normalized, N, M, Q, S, D, n
         t.requires_grad_(True)
     out = call(fn, inputs, mask, nh, nkv, context_normalized=normalized)
     ref_inputs = {k: v.detach().double().requires_grad_(True) for k, v in inputs.items()}
-    ref = reference(**ref_inputs, context_mask=mask, num_heads=nh, num_kv_heads=nkv, eps=EPS,
-                    context_normalized=normalized)
+    ref = call_reference(ref_inputs, mask, nh, nkv, normalized)
     assert_rel_close(out, ref.to(out.dtype), torch.bfloat16)
     grad_out = torch.randn_like(out)
     grads = torch.autograd.grad(out, list(inputs.values()), grad_out)
