@@ -40,6 +40,7 @@ ON_GPU = torch.cuda.is_available()
 DEVICE = harness.device()
 DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 EPS = 1e-6
+NORM_ONCE = "-norm-once"  # suffix of the providers called as the Perceiver calls them
 
 def sdpa_attention(latents, context, context_mask, *, q_weight, k_weight, v_weight, o_weight,
                    latents_norm_weight, context_norm_weight, num_heads, num_kv_heads, eps=EPS):
@@ -95,7 +96,6 @@ def _block_weights(requires_grad: bool):
             for _ in range(NUM_BLOCKS)]
 
 
-NORM_ONCE = "-norm-once"
 PROVIDERS = ("reference", "sdpa", "torch", "torch" + NORM_ONCE, "triton", "triton" + NORM_ONCE)
 
 

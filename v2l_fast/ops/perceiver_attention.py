@@ -1,9 +1,10 @@
 """`perceiver_attention` with backend dispatch (see v2l_fast.reference.perceiver_attention).
 
 Kernel arguments: the reference's, in order (``latents, context, context_mask, q_weight, …,
-num_heads, num_kv_heads, eps, context_normalized``), validated once by `v2l_fast.ops.checks`. Backends: "torch"
-(K/V absorbed into the queries, `kernels/perceiver_attention_torch.py`) and "triton" (the same
-algebra with a flash-decoding kernel over the context); the reference materialises K/V.
+num_heads, num_kv_heads, eps, context_normalized``), validated once by `v2l_fast.ops.checks`.
+Backends: "torch" (K/V absorbed into the queries, `kernels/perceiver_attention_torch.py`) and
+"triton" (the same algebra with a flash-decoding kernel over the context); the reference
+materialises K/V.
 """
 
 from __future__ import annotations
