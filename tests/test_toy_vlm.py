@@ -25,6 +25,7 @@ from v2l_fast.train.toy_vlm import (
     train_toy_vlm,
     video_features,
 )
+from v2l_fast.vlm.features import image_tokens
 from v2l_fast.vlm.load import load_smolvlm
 
 
@@ -201,8 +202,7 @@ def test_tokens_per_frame_sets_the_pixel_shuffle_and_survives_a_reload(tokens, t
     assert again.preprocessor == vlm.preprocessor
     assert again.preprocessor.longest_edge == again.preprocessor.max_image_size == 64  # no 384-px detour
     pixels = torch.rand(1, 8, 3, 64, 64)  # (all-zero frames would be dropped as padding)
-    features = again.model.model.get_image_features(pixels, torch.ones(1, 8, 64, 64, dtype=torch.bool),
-                                                    return_dict=True).pooler_output
+    features = image_tokens(again.model, pixels, torch.ones(1, 8, 64, 64, dtype=torch.bool))
     assert [f.shape[0] for f in features] == [8 * tokens]
 
 

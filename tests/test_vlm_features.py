@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from v2l_fast.testing import assert_rel_close
 from v2l_fast.vlm import Video, VideoBatch, build_video_batch, extract_features, load_smolvlm
 from v2l_fast.vlm.factory import tiny_smolvlm_tokenizer, tiny_vlm
-from v2l_fast.vlm.features import image_tokens, inner_model, video_rows_embeds, video_rows_hidden
+from v2l_fast.vlm.features import image_tokens, inner_model, real_frames, video_rows_embeds, video_rows_hidden
 
 
 @needs_fixtures
@@ -96,3 +96,37 @@ def test_rows_sharing_their_videos_tokens_equal_the_model_run_on_each_row_with_i
     with pytest.raises(ValueError, match=rf"^input_ids: expected {2 * per_frame} <image> tokens \(those of the "
                                          rf"rows' videos\), got {per_frame}$"):
         video_rows_hidden(vlm.model, ids[:1], mask[:1], tokens[::-1], row_video[:1])
+
+
+def test_real_frames_follow_smolvlms_padding_rule():
+    pixels = torch.randn(3, 4, 3, 8, 8)
+    pixels[0, 2:] = 0  # video 0: two frames, then padding
+    pixels[1, 1:] = 0  # video 1: one frame
+    pixels[2, 3, 0, 0, 0] = 0  # one zero value does not make a frame padding
+    assert real_frames(pixels).tolist() == [2, 1, 4]
+    # a batch of padding only: SmolVLM keeps the first frame, so one frame reaches the tower
+    assert real_frames(torch.zeros(2, 3, 3, 8, 8)).tolist() == [1, 0]
+
+
+def test_image_tokens_split_the_older_transformers_output_per_video(monkeypatch):
+    """transformers < 5.21 returns the connector's output as one ``[real frames, tokens, H]``
+    tensor over the batch; `image_tokens` splits it per video, as the newer per-video list."""
+    vlm = tiny_vlm(seed=4, longest_edge=64)
+    rng = np.random.default_rng(3)
+    videos = [Video.from_frames(rng.integers(0, 256, (n, 20, 28, 3), dtype=np.uint8), fps=1) for n in (1, 3, 2)]
+    batch = build_video_batch(videos, "Remember.", vlm.tokenizer, vlm.preprocessor)
+    with torch.no_grad():
+        per_video = image_tokens(vlm.model, batch.pixel_values, batch.pixel_attention_mask)
+        inner = inner_model(vlm.model)
+        newer = type(inner).get_image_features
+
+        def older(self, *args, **kwargs):
+            out = newer(self, *args, **kwargs)
+            if not isinstance(out.pooler_output, torch.Tensor):  # (on transformers < 5.21 it already is)
+                out.pooler_output = torch.cat(out.pooler_output).unflatten(0, (-1, vlm.preprocessor.image_seq_len))
+            return out
+
+        monkeypatch.setattr(type(inner), "get_image_features", older)
+        split = image_tokens(vlm.model, batch.pixel_values, batch.pixel_attention_mask)
+    assert [t.shape[0] for t in per_video] == [n * vlm.preprocessor.image_seq_len for n in (1, 3, 2)]
+    assert len(split) == 3 and all(torch.equal(a, b) for a, b in zip(split, per_video))

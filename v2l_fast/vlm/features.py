@@ -48,8 +48,21 @@ def image_tokens(model: torch.nn.Module, pixel_values: torch.Tensor,
     dropped), on the model's device and in its dtype; differentiable when the tower learns."""
     inner = inner_model(model)
     param = next(inner.parameters())
-    return list(inner.get_image_features(pixel_values.to(param.device, param.dtype),
-                                         pixel_attention_mask.to(param.device), return_dict=True).pooler_output)
+    pixels = pixel_values.to(param.device, param.dtype)
+    tokens = inner.get_image_features(pixels, pixel_attention_mask.to(param.device), return_dict=True).pooler_output
+    if isinstance(tokens, torch.Tensor):  # transformers < 5.21: one [real frames, tokens_per_frame, H] tensor
+        tokens = [frames.flatten(0, 1) for frames in tokens.split(real_frames(pixels).tolist())]
+    return list(tokens)
+
+
+def real_frames(pixel_values: torch.Tensor) -> torch.Tensor:
+    """Frames of each video in ``pixel_values [B, F, 3, S, S]`` that the vision tower reads, ``[B]``
+    int64: SmolVLM's own rule — a frame of zeros is padding, except the batch's first frame when
+    every frame is."""
+    counts = pixel_values.flatten(2).ne(0).any(dim=2).sum(dim=1)
+    if not counts.any():
+        counts[0] = 1
+    return counts
 
 
 def video_rows_embeds(model: torch.nn.Module, input_ids: torch.Tensor, video_tokens: list[torch.Tensor],
