@@ -14,6 +14,19 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_runtest_setup(item):
+    """A test marked ``triton``, or parametrized with ``backend="triton"``, skips with the reason where
+    the triton backend cannot run (no triton; on the CPU, no interpreter or one that cannot run the
+    kernels: `v2l_fast.ops.registry.runtime_missing`)."""
+    callspec = getattr(item, "callspec", None)
+    if item.get_closest_marker("triton") or (callspec is not None and callspec.params.get("backend") == "triton"):
+        from v2l_fast.ops.registry import runtime_missing
+
+        missing = runtime_missing("triton", torch.device("cuda" if torch.cuda.is_available() else "cpu"))
+        if missing:
+            pytest.skip(f"triton: {missing}")
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

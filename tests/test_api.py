@@ -175,10 +175,10 @@ def test_ask_without_adapters_is_the_base_model(session):
     assert len(answers) == 1 and isinstance(answers[0], str)
 
 
+@pytest.mark.triton
 def test_v2l_backend_switches_the_stack(monkeypatch, session):
     """V2L_BACKEND=triton runs the Perceiver and the LoRA through the Triton kernels
     (interpreter on CPU) and gives the same adapters and answers as the torch backend."""
-    pytest.importorskip("triton")
     if not torch.cuda.is_available():
         monkeypatch.setenv("TRITON_INTERPRET", "1")
     frames = _frames(1, 8)

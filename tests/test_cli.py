@@ -86,10 +86,10 @@ def test_demo_runs_the_whole_path_with_zero_visual_tokens_in_the_answers(capsys)
     assert "lora_sgmv=" in out and "perceiver_attention=" in out
 
 
+@pytest.mark.triton
 def test_demo_backend_switch_gives_the_same_answers(capsys):
     """--backend triton (interpreter on CPU) routes the Perceiver and the LoRA through the kernels
     and answers as the default backends do."""
-    pytest.importorskip("triton")
     argv = ("demo", "--random", "--frames", "1", "--max-new-tokens", "3", "--questions", "What?")
     code, default, _ = run(capsys, *argv)
     assert code == 0

@@ -18,14 +18,7 @@ DTYPES = [torch.float64, torch.float32, torch.float16]
 IDS = ["fp64", "fp32", "fp16"]
 
 
-@pytest.fixture(autouse=True)
-def _interpreter_or_gpu(device):
-    pytest.importorskip("triton")
-    if device.type == "cpu":
-        from v2l_fast.kernels._common import interpreting
-
-        if not interpreting():
-            pytest.skip("Triton on the CPU needs TRITON_INTERPRET=1 (tests/conftest.py sets it)")
+pytestmark = pytest.mark.triton  # every test runs the Triton kernel (interpreter on the CPU)
 
 
 @pytest.fixture

@@ -82,6 +82,7 @@ def run_case(name, backend, dtype, device="cpu", w_dtype=torch.float32):
     assert_rel_close(out.float().cpu(), reference_fp64(args).float().cpu(), dtype)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("name", list(CASES))
 def test_triton_matches_reference(name, dtype, poisoned):
@@ -110,6 +111,7 @@ def test_cpp_gemm_groups_as_one_run_or_gathered(layout, dtype):
     assert_rel_close(ops.lora_sgmv(**args, backend="cpp").float(), reference_fp64(args).float(), dtype)
 
 
+@pytest.mark.triton
 def test_triton_fp16_weights_use_the_native_dot(poisoned):
     T, I, O, R, n, S, extra = CASES["odd_rank48_mixed"]
     args = make_case(T, I, O, R, n, S, dtype=torch.float16, w_dtype=torch.float16, **extra)
@@ -136,6 +138,7 @@ def test_no_adapter_and_empty_segments_return_base(backend, poisoned):
     assert empty.shape == (0, 24)
 
 
+@pytest.mark.triton
 def test_triton_base_is_not_modified_and_dtype_follows_base(poisoned):
     args = make_case(9, 48, 32, 16, 2, 3)
     args["x"] = args["x"].bfloat16()  # the LoRA patch: bf16 activations, fp32 adapters (spec §9)
@@ -146,6 +149,7 @@ def test_triton_base_is_not_modified_and_dtype_follows_base(poisoned):
     assert_rel_close(out.float(), reference_fp64(args).float(), torch.float16)
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("split_k", [1, 3])
 def test_shrink_split_k_partials_sum_to_x_at(split_k, poisoned):
     from v2l_fast.kernels.lora_sgmv import sgmv_shrink
@@ -187,6 +191,7 @@ def test_metadata_groups_every_token_once():
     assert torch.all(covered == 1)
 
 
+@pytest.mark.triton
 def test_explicit_metadata_is_reused_across_layers(poisoned):
     args = make_case(20, 64, 48, 16, 3, 5, L=3)
     meta = ops.lora_sgmv_metadata(args["seg_indptr"], args["seg_adapter"], 20, 3)
@@ -196,6 +201,7 @@ def test_explicit_metadata_is_reused_across_layers(poisoned):
         assert_rel_close(out, reference_fp64(args).float(), torch.float32)
 
 
+@pytest.mark.triton
 def test_without_metadata_each_call_groups_its_own_segments(poisoned):
     args = make_case(20, 64, 48, 16, 3, 5)
     ops.lora_sgmv(**args, backend="triton")
@@ -220,6 +226,7 @@ GRAD_CASES = {
 }
 
 
+@pytest.mark.triton
 @pytest.mark.parametrize("name", list(GRAD_CASES))
 def test_triton_gradients_match_reference_autograd(name, poisoned):
     T, I, O, R, n, S, extra = GRAD_CASES[name]
@@ -238,6 +245,7 @@ def test_triton_gradients_match_reference_autograd(name, poisoned):
         assert rel_error(got, want) <= REL_TOLERANCE[torch.float32], (k, rel_error(got, want))
 
 
+@pytest.mark.triton
 def test_triton_gradient_of_one_input_only(poisoned):
     args = make_case(12, 40, 24, 8, 2, 3, L=2)
     A = args["A"].clone().requires_grad_()
@@ -328,6 +336,7 @@ def test_bad_input_names_the_argument(backend, change, name):
         ops.lora_sgmv(**(_bad_args() | change), backend=backend)
 
 
+@pytest.mark.triton
 def test_triton_rejects_fp64_naming_the_argument():
     with pytest.raises(ValueError, match="^B: expected"):
         ops.lora_sgmv(**(_bad_args() | dict(B=torch.randn(2, 3, 4, dtype=torch.float64))), backend="triton")

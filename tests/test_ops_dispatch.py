@@ -7,8 +7,10 @@ import inspect
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
+from packaging.version import Version
 
 import v2l_fast.ops as ops
 from v2l_fast import reference
@@ -53,6 +55,52 @@ def test_triton_on_cpu_tensors_without_the_interpreter_names_what_is_missing(mon
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
     with pytest.raises(RuntimeError, match="triton"):
         ops.lora_sgmv(*_sgmv_args(), backend="triton")
+
+
+class _FailingLaunch:
+    """A kernel whose launch fails as triton 3.6's interpreter does with numpy 2.4."""
+
+    def __getitem__(self, grid):
+        def launch(*args):
+            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+        return launch
+
+
+def test_an_interpreter_that_cannot_loop_makes_triton_unavailable_on_cpu(monkeypatch):
+    pytest.importorskip("triton")
+    from v2l_fast.kernels import interpreter_probe
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_probe.interpreter_defect.cache_clear()
+    monkeypatch.setattr(interpreter_probe, "_count_kernel", _FailingLaunch())
+    try:
+        missing = registry.runtime_missing("triton", torch.device("cpu"))
+        assert missing is not None and missing.startswith("triton ")
+        assert missing.endswith("'s interpreter cannot run a loop over a kernel argument with numpy "
+                                f"{np.__version__} (only 0-dimensional arrays can be converted to Python scalars); "
+                                "triton>=3.7 can")
+        assert "triton" not in ops.available_backends("lora_sgmv")
+        with pytest.raises(RuntimeError, match="^lora_sgmv: backend 'triton' cannot run: triton .*'s interpreter"):
+            ops.lora_sgmv(*_sgmv_args(), backend="triton")
+        assert ops.lora_sgmv.op.choose("auto", torch.device("cpu")) in ("torch", "cpp")  # auto is unaffected
+    finally:
+        interpreter_probe.interpreter_defect.cache_clear()
+
+
+def test_the_interpreter_probe_passes_where_triton_interprets_loops(monkeypatch):
+    triton = pytest.importorskip("triton")
+    if Version(triton.__version__) < Version("3.7"):
+        pytest.skip(f"triton {triton.__version__}: its interpreter may fail the probe (kernels/interpreter_probe.py)")
+    from v2l_fast.kernels import interpreter_probe
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    interpreter_probe.interpreter_defect.cache_clear()
+    try:
+        assert interpreter_probe.interpreter_defect() is None
+        assert registry.runtime_missing("triton", torch.device("cpu")) is None
+    finally:
+        interpreter_probe.interpreter_defect.cache_clear()
 
 
 def test_missing_backend_of_an_op_is_named():

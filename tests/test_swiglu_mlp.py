@@ -64,6 +64,7 @@ def test_forward_matches_reference(backend, lead, H, F, D, dtype, device, poison
     assert_rel_close(out, fp64_reference(x, gate, up, down).to(dtype), dtype)
 
 
+@pytest.mark.triton
 def test_triton_gate_up_activation_is_fully_written(device, poisoned_empty):
     kernel = pytest.importorskip("v2l_fast.kernels.swiglu_mlp")
     x, gate, up, _ = make_inputs((45,), 40, 72, 8, torch.float32, device, 3)

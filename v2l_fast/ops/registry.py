@@ -108,6 +108,10 @@ def runtime_missing(backend: str, device: torch.device | None = None) -> str | N
             return "triton needs CUDA tensors, or TRITON_INTERPRET=1 to interpret kernels on the CPU"
         if device is not None and device.type not in ("cpu", "cuda"):
             return f"triton does not run on {device.type} tensors"
+        if on_cpu:
+            from v2l_fast.kernels.interpreter_probe import interpreter_defect
+
+            return interpreter_defect()
         return None
     ext = load_extension()
     if ext is None:
@@ -202,8 +206,9 @@ class Op:
             requested = setting if setting in self.backends else "auto"
         if requested == "auto":
             order = self.auto.get("cuda" if device.type == "cuda" else "cpu", ())
-            requested = next((name for name in order if name in self.backends and runtime_missing(name, device) is None
-                              and not (name == "triton" and device.type == "cpu")), "torch")
+            requested = next((name for name in order if name in self.backends
+                              and not (name == "triton" and device.type == "cpu")
+                              and runtime_missing(name, device) is None), "torch")
         elif requested not in self.backends:
             raise RuntimeError(f"{self.name} has no {requested!r} backend (it has: {', '.join(sorted(self.backends))})")
         else:
