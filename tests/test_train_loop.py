@@ -97,15 +97,14 @@ def test_the_step_weighs_each_rank_by_its_share_of_rows_so_shards_add_up_to_the_
     order = trainer.order.micro_step(0, 0)[0]
     collate = trainer_module._Collate(trainer.vlm.tokenizer, trainer.vlm.preprocessor, trainer.config.instruction,
                                       teacher=kl_weight > 0)
-    torch.set_grad_enabled(False)
     per_item = []
-    for index in order:
-        terms, rows = trainer._loss(collate([trainer.dataset[index]]), trainer.train_adapters)
-        per_item.append((float(terms.loss), rows))
-        assert (terms.kl is None) == (kl_weight == 0)
-    terms, rows = trainer._loss(collate([trainer.dataset[i] for i in order]), trainer.train_adapters)
+    with torch.no_grad():  # (a failure inside must not leave grad mode off for the tests after it)
+        for index in order:
+            terms, rows = trainer._loss(collate([trainer.dataset[index]]), trainer.train_adapters)
+            per_item.append((float(terms.loss), rows))
+            assert (terms.kl is None) == (kl_weight == 0)
+        terms, rows = trainer._loss(collate([trainer.dataset[i] for i in order]), trainer.train_adapters)
     assert rows == sum(n for _, n in per_item)
-    torch.set_grad_enabled(True)
     assert abs(sum(l * n / rows for l, n in per_item) - float(terms.loss)) < 1e-5
 
 

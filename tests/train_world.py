@@ -135,16 +135,18 @@ def run_v2l_fast(*argvs: list[str], timeout: float = 300) -> list[subprocess.Com
 
 
 def _abort_with_stacks(processes: list[subprocess.Popen]) -> None:
-    """SIGABRT (stacks printed under ``PYTHONFAULTHANDLER``) to every process of the trees, then SIGKILL."""
+    """SIGABRT (stacks printed under ``PYTHONFAULTHANDLER``) to every process of the trees, one at a
+    time (a worker shares its parent's stderr: dumps made at once interleave), then SIGKILL."""
     tree = []
     for process in processes:
         with contextlib.suppress(psutil.NoSuchProcess):
             parent = psutil.Process(process.pid)
             tree += [parent, *parent.children(recursive=True)]
+    alive = []
     for proc in tree:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.send_signal(signal.SIGABRT)
-    _, alive = psutil.wait_procs(tree, timeout=10)
+            alive += psutil.wait_procs([proc], timeout=10)[1]
     for proc in alive:
         with contextlib.suppress(psutil.NoSuchProcess):
             proc.kill()
