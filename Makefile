@@ -6,14 +6,15 @@
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
+PINS ?=
 STAMP := $(VENV)/.v2l-installed
 
-.PHONY: setup test lint bench clean demo gpu gpu-wheels
+.PHONY: setup test test-oldest lint bench clean demo gpu gpu-wheels
 
 $(STAMP): pyproject.toml setup.py CMakeLists.txt $(wildcard csrc/*)
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q setuptools wheel "cmake>=3.25" ninja "pybind11>=2.12"
-	$(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q "$(TORCH_SPEC)" $(PINS)
 	$(PY) -m pip install -q --no-build-isolation -e ".[test,bench,serve]"
 	touch $@
 
@@ -26,6 +27,12 @@ test: setup lint
 	$(PY) -c "import v2l_fast._C, v2l_fast; print('v2l_fast._C:', v2l_fast.build_info())"
 	$(PY) -m pytest tests -q
 
+# The same tests on the oldest versions pyproject.toml accepts, in their own venv (not in CI): the
+# GPU machine's transformers 5.17 and triton 3.6, and peft 0.18 (0.17 does not import with
+# transformers 5). torch stays 2.13: torch 2.11 has no CPU wheel on this project's registry.
+test-oldest:
+	$(MAKE) test VENV=.venv-oldest PINS="transformers==5.17.0 triton==3.6.0 peft==0.18.0"
+
 # The main job on an embedded default (tiny random SmolVLM2, synthetic video; no downloads).
 demo: setup
 	$(PY) -m v2l_fast demo
@@ -34,7 +41,7 @@ bench: setup
 	$(PY) -m pytest bench/ --benchmark
 
 clean:
-	rm -rf $(VENV) build *.egg-info v2l_fast/_C*.so
+	rm -rf $(VENV) .venv-oldest build *.egg-info v2l_fast/_C*.so
 
 # GPU runbook (see bench/NOTES.md, "GPU runbook"): on a GPU machine with torch, triton,
 # transformers and peft preinstalled and no package registry, install v2l_fast offline into that
