@@ -18,15 +18,17 @@ import pytest
 import torch
 
 from v2l_fast.adapters import Adapters, base_fingerprint
-from v2l_fast.adapters.peft import export_peft
+from v2l_fast.adapters.peft import export_folded_base, export_peft
 from v2l_fast.reference.compose_adapters import truncate_rank
 from v2l_fast.testing import rel_error
-from v2l_fast.vlm.factory import random_smolvlm
+from v2l_fast.vlm.factory import random_smolvlm, tiny_vlm
 
 lora_model = pytest.importorskip("vllm.lora.lora_model",
                                  reason="vLLM is not installed (not in CI: its wheels pin a CUDA torch)")
+from vllm.config import ModelConfig  # noqa: E402
 from vllm.config.lora import LoRAConfig  # noqa: E402
 from vllm.lora.peft_helper import PEFTHelper  # noqa: E402
+from vllm.model_executor.models.registry import ModelRegistry  # noqa: E402
 from vllm.model_executor.models.smolvlm import SmolVLMForConditionalGeneration  # noqa: E402
 
 LAYERS, HIDDEN, INTERMEDIATE = 4, 64, 128  # the tiny SmolVLM2's text decoder
@@ -88,3 +90,16 @@ def test_vllm_refuses_the_export_below_its_rank(tmp_path):
     out = export_peft(adapters_of_rank(24, seed=1), tmp_path / "video")  # padded to 32
     with pytest.raises(ValueError, match="LoRA rank 32 is greater than max_lora_rank 16"):
         vllm_load(out, 16)
+
+
+def test_vllm_reads_the_folded_base_as_its_smolvlm2_model(tmp_path):
+    """The bias-folded base that folded adapters are served on: vLLM's model config reads the
+    directory and resolves the SmolVLM2 class that takes the LoRAs above."""
+    g = torch.Generator().manual_seed(3)
+    bias_A, bias_B = torch.randn(LAYERS, 4, INTERMEDIATE, generator=g), torch.randn(LAYERS, 4, HIDDEN, generator=g)
+    base_dir = tmp_path / "folded_base"
+    export_folded_base(tiny_vlm(seed=0), bias_A * 0.1, bias_B * 0.01, 16.0, base_dir)
+    config = ModelConfig(model=str(base_dir))
+    assert config.hf_config.text_config.num_hidden_layers == LAYERS and config.is_multimodal_model
+    model_cls, architecture = ModelRegistry.resolve_model_cls(config.architectures, model_config=config)
+    assert model_cls is SmolVLMForConditionalGeneration and architecture == "SmolVLMForConditionalGeneration"
