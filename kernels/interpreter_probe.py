@@ -37,9 +37,10 @@ def interpreter_defect() -> str | None:
     try:
         _count_kernel[(1,)](out, 3)
     except Exception as exc:  # any failure means the same to the caller: the kernels cannot run here
-        cause = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        cause = exc.__cause__ or exc  # the interpreter wraps the kernel's own error
+        first_line = str(cause).splitlines()[0] if str(cause) else ""
         return (f"triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument with "
-                f"numpy {np.__version__} ({cause}); triton>=3.7 can")
+                f"numpy {np.__version__} ({type(cause).__name__}: {first_line}); triton>=3.7 can")
     if int(out) != 3:
         return f"triton {triton.__version__}'s interpreter counted {int(out)} iterations of a 3-iteration loop"
     return None

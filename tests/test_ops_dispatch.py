@@ -78,7 +78,8 @@ def test_an_interpreter_that_cannot_loop_makes_triton_unavailable_on_cpu(monkeyp
         missing = registry.runtime_missing("triton", torch.device("cpu"))
         assert missing is not None and missing.startswith("triton ")
         assert missing.endswith("'s interpreter cannot run a loop over a kernel argument with numpy "
-                                f"{np.__version__} (only 0-dimensional arrays can be converted to Python scalars); "
+                                f"{np.__version__} (TypeError: only 0-dimensional arrays can be converted to Python "
+                                "scalars); "
                                 "triton>=3.7 can")
         assert "triton" not in ops.available_backends("lora_sgmv")
         with pytest.raises(RuntimeError, match="^lora_sgmv: backend 'triton' cannot run: triton .*'s interpreter"):
