@@ -27,6 +27,9 @@ does this on the CPU: bench/NOTES.md). A provider pays for its own failure, not 
 row says whether oneDNN was switched off during its calls (``onednn_switched_off``).
 
     pytest bench/bench_e2e_serve.py --benchmark
+
+Results: ``bench/results/bench_e2e_serve_<device>.json`` and its plot ``….png``
+(`plots.plot_engine_throughput`, drawn by `harness.ResultLog`).
 """
 
 from __future__ import annotations

@@ -130,6 +130,10 @@ def _version(pkg: str) -> str | None:
         return None
 
 
+# Modules whose results JSON gets a PNG beside it: module → function of `plots` (payload, path).
+PLOTS = {"bench_e2e_serve": "plot_engine_throughput"}
+
+
 class ResultLog:
     """Rows of benchmark results per module, written as JSON files under bench/results/."""
 
@@ -171,8 +175,13 @@ class ResultLog:
             path = RESULTS_DIR / f"{module}_{slug}.json"
             for row in rows:
                 row.setdefault("date", meta["date"])
-            path.write_text(json.dumps({**meta, "results": kept_rows(path, rows) + rows}, indent=1) + "\n")
+            payload = {**meta, "results": kept_rows(path, rows) + rows}
+            path.write_text(json.dumps(payload, indent=1) + "\n")
             paths.append(path)
+            if module in PLOTS:
+                import plots
+
+                paths.append(getattr(plots, PLOTS[module])(payload, path.with_suffix(".png")))
         return paths
 
 

@@ -1,6 +1,7 @@
 """Plots of benchmark results, written as PNG beside their JSON (matplotlib, no display needed).
 
-`plot_ttft`: the time-to-first-token sweep of ``bench_e2e_ttft.py``.
+`plot_ttft`: the time-to-first-token sweep of ``bench_e2e_ttft.py``; `plot_engine_throughput`: the
+serving throughput of ``bench_e2e_serve.py`` (`harness.ResultLog` draws it beside the module's JSON).
 """
 
 from __future__ import annotations
@@ -86,6 +87,56 @@ def plot_ttft(payload: dict, path: str | Path) -> Path:
              "estimated (video: FLOPs × measured s/FLOP; LoRA: measured, flat in frames). LoRA path: adapter already "
              "made; internalization (×) is paid once per video.", fontsize=7, alpha=0.8)
     fig.tight_layout(rect=(0, 0.17, 1, 1))
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+ENGINE_PROVIDERS = {"engine": "tab:blue", "engine-base": "tab:cyan", "peft-mixed": "tab:orange",
+                    "peft-swap": "tab:red"}
+
+
+def plot_engine_throughput(payload: dict, path: str | Path) -> Path:
+    """Tokens per second of each provider, one group of bars per (model, dtype) row set of
+    ``bench_e2e_serve.py`` (ops ``engine_throughput`` and ``engine_throughput_bf16``), log scale,
+    the engine's speed-ups over peft's mixed batch and over one video at a time written above
+    its bar (the ratios of medians measured in the same run)."""
+    plt = _pyplot()
+    rows = [row for row in payload["results"] if str(row.get("op", "")).startswith("engine_throughput")
+            and "tokens_per_s" in row]
+    groups = list(dict.fromkeys((row["model"], row["dtype"].replace("torch.", "")) for row in rows))
+    fig, ax = plt.subplots(figsize=(3.2 + 2.6 * len(groups), 5.5))
+    width = 0.8 / len(ENGINE_PROVIDERS)
+    for g, (model, dtype) in enumerate(groups):
+        mine = {row["provider"]: row for row in rows
+                if row["model"] == model and row["dtype"].replace("torch.", "") == dtype}
+        for p, (provider, colour) in enumerate(ENGINE_PROVIDERS.items()):
+            row = mine.get(provider)
+            if row is None:
+                continue
+            x = g + (p - (len(ENGINE_PROVIDERS) - 1) / 2) * width
+            ax.bar(x, row["tokens_per_s"], width, color=colour, label=provider if g == 0 else None,
+                   hatch="//" if row.get("onednn_switched_off") else None)
+            if provider == "engine":
+                ratios = [f"{row[key]:.1f}× {peer}" for peer in ("peft-mixed", "peft-swap")
+                          if (key := f"engine_speedup_vs_{peer}") in row]
+                ax.annotate("\n".join(ratios), (x, row["tokens_per_s"]), textcoords="offset points",
+                            xytext=(0, 4), ha="center", fontsize=8, weight="bold")
+    ax.set_xticks(range(len(groups)), [f"{model}\n{dtype}" for model, dtype in groups])
+    ax.set_yscale("log")
+    if rows:  # room below the slowest bar and above the engine's labels
+        speeds = [row["tokens_per_s"] for row in rows]
+        ax.set_ylim(min(speeds) / 2, max(speeds) * 3)
+    ax.set_ylabel("generated tokens per second (median of the rounds)")
+    first = rows[0] if rows else {}
+    ax.set_title(f"engine throughput, {payload.get('device')}: {first.get('videos')} videos × "
+                 f"{first.get('questions')} questions, {first.get('new_tokens')} new tokens each", fontsize=10)
+    ax.grid(True, axis="y", which="both", alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(ENGINE_PROVIDERS))
+    fig.text(0.01, 0.01, "hatched: oneDNN switched itself off during that provider's calls (bench/NOTES.md)",
+             fontsize=7, alpha=0.8)
+    fig.tight_layout(rect=(0, 0.04, 1, 1))
     path = Path(path)
     fig.savefig(path, dpi=120)
     plt.close(fig)
