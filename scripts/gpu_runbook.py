@@ -16,8 +16,8 @@ the device time may run out before the end; then correctness; then the other tim
 Each stage runs under coreutils `timeout` (at most STAGE_LIMIT_S, so one stage fits one 10-minute
 device command), its output goes to the console and to <run-dir>/<stage>.log, and after each stage
 <run-dir>/runbook.json records what every stage ran: command, exit code, status, wall time and the
-bench/results/*.json it wrote. `--budget S` fits the whole run into S seconds (a stage that
-cannot get MIN_STAGE_S is skipped); `--resume` keeps the stages that an earlier run in the same
+bench/results/*.json (and *.png plots) it wrote. `--budget S` fits the whole run into S seconds (a
+stage that cannot get MIN_STAGE_S is skipped); `--resume` keeps the stages that an earlier run in the same
 run dir finished ok and runs the rest; `--out DIR` copies the log and a tarball of the results there after each stage.
 `--dry-run` prints every stage's exact command, checks its prerequisites and writes the log,
 running nothing.
@@ -180,9 +180,10 @@ def status_of(code: int) -> str:
 
 
 def new_results(since: float) -> list[str]:
-    """bench/results/*.json written at or after ``since`` (the harness writes one per bench module)."""
-    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench" / "results").glob("*.json")
-                  if p.stat().st_mtime >= since)
+    """bench/results/*.json written at or after ``since`` (the harness writes one per bench module),
+    and the PNG plots drawn beside some of them."""
+    return sorted(str(p.relative_to(ROOT)) for p in (ROOT / "bench" / "results").iterdir()
+                  if p.suffix in (".json", ".png") and p.stat().st_mtime >= since)
 
 
 def write_out(log: dict, log_path: Path, run_dir: Path, out: Path) -> None:

@@ -132,6 +132,17 @@ def test_real_run_records_exit_code_wall_time_and_copies_log_and_results_out(tmp
     assert install["status"] == "skipped" and install["reason"].startswith("budget:") and install["exit_code"] is None
 
 
+def test_a_stage_reports_the_results_json_and_plots_it_wrote(tmp_path, monkeypatch):
+    results = tmp_path / "bench" / "results"
+    results.mkdir(parents=True)
+    for name in ("bench_e2e_serve_gpu.json", "bench_e2e_serve_gpu.png", "ttft_gpu.png", "notes.txt", "old.json"):
+        (results / name).write_text("x")
+    os.utime(results / "old.json", (1, 1))  # written before the stage began
+    monkeypatch.setattr(runbook, "ROOT", tmp_path)
+    assert runbook.new_results(since=1000.0) == ["bench/results/bench_e2e_serve_gpu.json",
+                                                 "bench/results/bench_e2e_serve_gpu.png", "bench/results/ttft_gpu.png"]
+
+
 def test_stage_over_its_timeout_is_stopped_and_reported(tmp_path):
     stage = runbook.Stage("sleeper", "test", [sys.executable, "-c", "import time; print('start', flush=True); "
                                               "time.sleep(30)"])
