@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import importlib
 import os
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -34,6 +37,18 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="module")
+def bench_module():
+    """``bench_module(name)``: a module of bench/ (``harness``, ``bench_e2e_ttft``, …), imported with
+    bench/ on ``sys.path`` for the test module's duration (its files import each other by name)."""
+    bench = str(Path(__file__).resolve().parents[1] / "bench")
+    sys.path.insert(0, bench)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(bench)
 
 
 @pytest.fixture

@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
-
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 
 
 @pytest.fixture(scope="module")
-def ttft():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import bench_e2e_ttft
-
-        yield bench_e2e_ttft
-    finally:
-        sys.path.remove(str(BENCH))
+def ttft(bench_module):
+    return bench_module("bench_e2e_ttft")
 
 
 @pytest.mark.parametrize(("size", "per_frame"), [("256M", 64), ("500M", 64), ("2.2B", 81)])

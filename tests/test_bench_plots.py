@@ -2,24 +2,14 @@
 
 from __future__ import annotations
 
-import sys
-from pathlib import Path
-
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "bench"
 PROVIDERS = {"engine": 4800.0, "engine-base": 5400.0, "peft-mixed": 350.0, "peft-swap": 98.0}
 
 
 @pytest.fixture(scope="module")
-def harness():
-    sys.path.insert(0, str(BENCH))
-    try:
-        import harness
-
-        yield harness
-    finally:
-        sys.path.remove(str(BENCH))
+def harness(bench_module):
+    return bench_module("harness")
 
 
 def serving_rows(model: str, dtype: str) -> list[dict]:
