@@ -18,6 +18,8 @@ import torch
 
 from v2l_fast.heap import heap_policy
 
+from plots import plot_engine_throughput
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 
@@ -130,8 +132,8 @@ def _version(pkg: str) -> str | None:
         return None
 
 
-# Modules whose results JSON gets a PNG beside it: module → function of `plots` (payload, path).
-PLOTS = {"bench_e2e_serve": "plot_engine_throughput"}
+# Modules whose results JSON gets a PNG beside it: module → plot(payload, png_path).
+PLOTS = {"bench_e2e_serve": plot_engine_throughput}
 
 
 class ResultLog:
@@ -179,9 +181,7 @@ class ResultLog:
             path.write_text(json.dumps(payload, indent=1) + "\n")
             paths.append(path)
             if module in PLOTS:
-                import plots
-
-                paths.append(getattr(plots, PLOTS[module])(payload, path.with_suffix(".png")))
+                paths.append(PLOTS[module](payload, path.with_suffix(".png")))
         return paths
 
 
