@@ -39,8 +39,12 @@ def interpreter_defect() -> str | None:
     except Exception as exc:  # any failure means the same to the caller: the kernels cannot run here
         cause = exc.__cause__ or exc  # the interpreter wraps the kernel's own error
         first_line = str(cause).splitlines()[0] if str(cause) else ""
-        return (f"triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument with "
-                f"numpy {np.__version__} ({type(cause).__name__}: {first_line}); triton>=3.7 can")
+        if isinstance(cause, TypeError) and "0-dimensional" in first_line:  # the triton 3.6 + numpy 2.4 defect
+            return (f"triton {triton.__version__}'s interpreter cannot run a loop over a kernel argument with "
+                    f"numpy {np.__version__} ({type(cause).__name__}: {first_line}); triton>=3.7 can")
+        # e.g. TRITON_INTERPRET set only after triton was imported: the kernels were compiled for a GPU
+        return (f"triton {triton.__version__} could not interpret a one-loop kernel "
+                f"({type(cause).__name__}: {first_line})")
     if int(out) != 3:
         return f"triton {triton.__version__}'s interpreter counted {int(out)} iterations of a 3-iteration loop"
     return None

@@ -14,6 +14,7 @@ from packaging.version import Version
 
 import v2l_fast.ops as ops
 from v2l_fast import reference
+from v2l_fast.kernels._common import interpreting
 from v2l_fast.ops import registry
 
 OPS = ("lora_sgmv", "perceiver_attention", "compose_adapters", "swiglu_mlp")
@@ -57,51 +58,65 @@ def test_triton_on_cpu_tensors_without_the_interpreter_names_what_is_missing(mon
         ops.lora_sgmv(*_sgmv_args(), backend="triton")
 
 
+# How triton 3.6's interpreter fails with numpy 2.4.
+NUMPY_24_DEFECT = TypeError("only 0-dimensional arrays can be converted to Python scalars")
+
+
 class _FailingLaunch:
-    """A kernel whose launch fails as triton 3.6's interpreter does with numpy 2.4."""
+    """A kernel whose launch raises ``error``."""
+
+    def __init__(self, error: Exception):
+        self.error = error
 
     def __getitem__(self, grid):
         def launch(*args):
-            raise TypeError("only 0-dimensional arrays can be converted to Python scalars")
+            raise self.error
 
         return launch
 
 
-def test_an_interpreter_that_cannot_loop_makes_triton_unavailable_on_cpu(monkeypatch):
+@pytest.fixture
+def interpreter_probe():
+    """`kernels/interpreter_probe.py`, its cached verdict cleared before and after; only where triton
+    interprets (tests/conftest.py sets TRITON_INTERPRET before triton is imported, without a GPU)."""
     pytest.importorskip("triton")
+    if not interpreting():
+        pytest.skip("TRITON_INTERPRET is not set: triton compiles for a GPU here")
     from v2l_fast.kernels import interpreter_probe
 
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
     interpreter_probe.interpreter_defect.cache_clear()
-    monkeypatch.setattr(interpreter_probe, "_count_kernel", _FailingLaunch())
-    try:
-        missing = registry.runtime_missing("triton", torch.device("cpu"))
-        assert missing is not None and missing.startswith("triton ")
-        assert missing.endswith("'s interpreter cannot run a loop over a kernel argument with numpy "
-                                f"{np.__version__} (TypeError: only 0-dimensional arrays can be converted to Python "
-                                "scalars); "
-                                "triton>=3.7 can")
-        assert "triton" not in ops.available_backends("lora_sgmv")
-        with pytest.raises(RuntimeError, match="^lora_sgmv: backend 'triton' cannot run: triton .*'s interpreter"):
-            ops.lora_sgmv(*_sgmv_args(), backend="triton")
-        assert ops.lora_sgmv.op.choose("auto", torch.device("cpu")) in ("torch", "cpp")  # auto is unaffected
-    finally:
-        interpreter_probe.interpreter_defect.cache_clear()
+    yield interpreter_probe
+    interpreter_probe.interpreter_defect.cache_clear()
 
 
-def test_the_interpreter_probe_passes_where_triton_interprets_loops(monkeypatch):
-    triton = pytest.importorskip("triton")
+def test_an_interpreter_that_cannot_loop_makes_triton_unavailable_on_cpu(interpreter_probe, monkeypatch):
+    monkeypatch.setattr(interpreter_probe, "_count_kernel", _FailingLaunch(NUMPY_24_DEFECT))
+    missing = registry.runtime_missing("triton", torch.device("cpu"))
+    assert missing is not None and missing.startswith("triton ")
+    assert missing.endswith("'s interpreter cannot run a loop over a kernel argument with numpy "
+                            f"{np.__version__} (TypeError: only 0-dimensional arrays can be converted to Python "
+                            "scalars); triton>=3.7 can")
+    assert "triton" not in ops.available_backends("lora_sgmv")
+    with pytest.raises(RuntimeError, match="^lora_sgmv: backend 'triton' cannot run: triton .*'s interpreter"):
+        ops.lora_sgmv(*_sgmv_args(), backend="triton")
+    assert ops.lora_sgmv.op.choose("auto", torch.device("cpu")) in ("torch", "cpp")  # auto is unaffected
+
+
+def test_another_interpreter_failure_is_reported_as_it_is(interpreter_probe, monkeypatch):
+    """(e.g. TRITON_INTERPRET set after triton was imported: the kernel is compiled for a GPU instead)"""
+    monkeypatch.setattr(interpreter_probe, "_count_kernel", _FailingLaunch(RuntimeError("0 active drivers ([]).")))
+    missing = registry.runtime_missing("triton", torch.device("cpu"))
+    assert missing is not None and missing.startswith("triton ")
+    assert missing.endswith(" could not interpret a one-loop kernel (RuntimeError: 0 active drivers ([]).)")
+
+
+def test_the_interpreter_probe_passes_where_triton_interprets_loops(interpreter_probe):
+    import triton
+
     if Version(triton.__version__) < Version("3.7"):
         pytest.skip(f"triton {triton.__version__}: its interpreter may fail the probe (kernels/interpreter_probe.py)")
-    from v2l_fast.kernels import interpreter_probe
-
-    monkeypatch.setenv("TRITON_INTERPRET", "1")
-    interpreter_probe.interpreter_defect.cache_clear()
-    try:
-        assert interpreter_probe.interpreter_defect() is None
-        assert registry.runtime_missing("triton", torch.device("cpu")) is None
-    finally:
-        interpreter_probe.interpreter_defect.cache_clear()
+    assert interpreter_probe.interpreter_defect() is None
+    assert registry.runtime_missing("triton", torch.device("cpu")) is None
 
 
 def test_missing_backend_of_an_op_is_named():
